@@ -1,0 +1,302 @@
+"""PeraLinear and GenLoraLinear: drop-in ``nn.Linear`` replacements with a generated low-rank update.
+
+Both share one base (frozen weight and bias, dropout on the adapter path, scaling, merge/unmerge,
+``from_linear``, ``delta_weight``); each supplies its generator: PERA's polynomial expansion of
+``lora_A``/``lora_B``, GenLoRA's RBF synthesis. ``forward`` picks the path in one place: the CUDA
+ops (``polykern.ops``) for CUDA inputs when the extension is loaded, the reference otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops, reference
+
+__all__ = ["AdapterLinear", "PeraLinear", "GenLoraLinear"]
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {name}={value}")
+    return value
+
+
+class AdapterLinear(nn.Module):
+    """Shared base: a frozen ``nn.Linear`` (``weight (out, in)``, ``bias (out,)``) plus a low-rank
+    update ``Delta W = s * B @ A`` whose factors a subclass generates from its parameters.
+
+    Subclasses define ``method``, ``adapter_parameter_names``, ``_config_extra()``,
+    ``_factors()`` (reference generator: ``A (R, in)``, ``B (out, R)``), ``_forward_reference``
+    and ``_forward_cuda``.
+    """
+
+    method: str = ""
+    adapter_parameter_names: Tuple[str, ...] = ()
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, r: int,
+                 alpha: Optional[float], dropout: float, device, dtype) -> None:
+        super().__init__()
+        self.in_features = _positive_int("in_features", in_features)
+        self.out_features = _positive_int("out_features", out_features)
+        self.r = _positive_int("r", r)
+        if alpha is not None and not isinstance(alpha, (int, float)):
+            raise TypeError(f"alpha must be a number or None, got {type(alpha).__name__}")
+        self.alpha = float(r if alpha is None else alpha)
+        self.scaling = self.alpha / self.r
+        if not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1), got dropout={dropout!r}")
+        self.dropout = float(dropout)
+        self.merged = False
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory),
+                                   requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._reset_base()
+
+    def _reset_base(self) -> None:
+        # nn.Linear's own initialisation, so a fresh layer is a plain (frozen) linear.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **cfg) -> "AdapterLinear":
+        """Wrap an existing ``nn.Linear``: the new layer shares its weight and bias storage (the
+        same ``Parameter`` objects, frozen), adapter parameters are created on its device."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        cfg.setdefault("device", linear.weight.device)
+        cfg.setdefault("dtype", linear.weight.dtype)
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **cfg)
+        linear.weight.requires_grad_(False)
+        layer.weight = linear.weight
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
+            layer.bias = linear.bias
+        return layer
+
+    # --- to be provided by the generator ---------------------------------------------------
+    def _factors(self) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _config_extra(self) -> Dict:
+        raise NotImplementedError
+
+    def _forward_reference(self, x: Tensor, W: Tensor, x_adapter: Optional[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def _forward_cuda(self, x: Tensor, W: Tensor, x_adapter: Optional[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    # --- shared behaviour ------------------------------------------------------------------
+    def adapter_config(self) -> Dict:
+        """The keyword arguments that rebuild this adapter with ``from_linear`` (JSON-friendly)."""
+        p = getattr(self, self.adapter_parameter_names[0])
+        cfg = {"method": self.method, "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
+               "adapter_dtype": str(p.dtype).replace("torch.", "")}
+        cfg.update(self._config_extra())
+        return cfg
+
+    def adapter_parameters(self):
+        return [getattr(self, n) for n in self.adapter_parameter_names]
+
+    @torch.no_grad()
+    def delta_weight(self) -> Tensor:
+        """Delta W = s * B_hat @ A_hat: ``(out, in)`` in the adapter parameters' dtype."""
+        A, B = self._factors()
+        return (B * self.scaling) @ A
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add Delta W into the frozen weight; forward then runs exactly one linear."""
+        if self.merged:
+            warnings.warn(f"{type(self).__name__} is already merged; merge() did nothing")
+            return
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"{type(self).__name__}.merge(): Delta W has NaN or inf entries; "
+                             "refusing to write it into the frozen weight")
+        self.weight.add_(delta.to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the Delta W that merge() added (recomputed from the same parameters)."""
+        if not self.merged:
+            warnings.warn(f"{type(self).__name__} is not merged; unmerge() did nothing")
+            return
+        self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+        self.merged = False
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__} expects a Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: input of shape {tuple(x.shape)} does not end "
+                             f"in in_features={self.in_features}")
+        if x.device != self.weight.device:
+            raise ValueError(f"{type(self).__name__}: input is on {x.device} but the layer's "
+                             f"weight is on {self.weight.device}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x (..., in) -> (..., out)``."""
+        self._check_input(x)
+        W = self.weight
+        if self.merged:
+            return F.linear(x, W, self.bias)
+        if torch.is_autocast_enabled(x.device.type):
+            # Cast as F.linear would under autocast: the autocast dtype is the compute dtype.
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, W = x.to(dt), W.to(dt)
+        elif x.dtype != W.dtype:
+            raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {x.dtype} "
+                               f"(input) and {W.dtype} (weight)")
+        x_adapter = None
+        if self.dropout > 0.0 and self.training:
+            x_adapter = F.dropout(x, self.dropout, True)
+        if x.is_cuda and ops.cuda_available():
+            return self._forward_cuda(x, W, x_adapter)
+        return self._forward_reference(x, W, x_adapter)
+
+    def extra_repr(self) -> str:
+        extra = ", ".join(f"{k}={v!r}" for k, v in self._config_extra().items())
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, r={self.r}, alpha={self.alpha:g}, {extra}, "
+                f"dropout={self.dropout:g}, merged={self.merged}")
+
+
+def _adapter_factory(device, dtype, adapter_dtype):
+    return {"device": device, "dtype": adapter_dtype if adapter_dtype is not None else dtype}
+
+
+class PeraLinear(AdapterLinear):
+    """PERA (arXiv 2604.11841): LoRA whose factors are expanded with square and cross terms.
+
+    Parameters: ``lora_A (r, in)``, ``lora_B (out, r)``, ``pera_h (P,)`` in the spec's pair order
+    (``reference.pera_pairs``). ``terms`` in {"full", "square", "cross"} ("none": plain LoRA).
+    ``init="lora"``: A kaiming-uniform, B = 0, h = 0 (the authors' code); ``init="pera"``:
+    B Gaussian (std 1/r), A = 0, h = 0. ``adapter_dtype`` (default: ``dtype``) lets the adapter
+    parameters be fp32 beside a bf16/fp16 weight; the expansion then runs in fp32.
+    """
+
+    method = "pera"
+    adapter_parameter_names = ("lora_A", "lora_B", "pera_h")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 16,
+                 alpha: Optional[float] = None, terms: str = "full", dropout: float = 0.0,
+                 init: str = "lora", device=None, dtype=None, adapter_dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, r, alpha, dropout, device, dtype)
+        if terms not in reference.PERA_TERMS:
+            raise ValueError(f"unknown PERA terms {terms!r}: expected one of "
+                             f"{reference.PERA_TERMS}")
+        if init not in ("lora", "pera"):
+            raise ValueError(f"unknown PERA init {init!r}: expected 'lora' or 'pera'")
+        self.terms, self.init = terms, init
+        P = reference.pera_num_pairs(r, terms)
+        f = _adapter_factory(self.weight.device, self.weight.dtype, adapter_dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **f))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **f))
+        self.pera_h = nn.Parameter(torch.zeros(P, **f))
+        self.reset_adapter_parameters()
+
+    @torch.no_grad()
+    def reset_adapter_parameters(self) -> None:
+        self.pera_h.zero_()
+        if self.init == "lora":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.lora_B.zero_()
+        else:
+            self.lora_A.zero_()
+            nn.init.normal_(self.lora_B, std=1.0 / self.r)
+
+    def _config_extra(self) -> Dict:
+        return {"terms": self.terms, "init": self.init}
+
+    def _factors(self) -> Tuple[Tensor, Tensor]:
+        return (reference.pera_expand_A(self.lora_A, self.pera_h, self.terms),
+                reference.pera_expand_B(self.lora_B, self.terms))
+
+    def _forward_reference(self, x, W, x_adapter):
+        return reference.pera_linear(x, W, self.bias, self.lora_A, self.lora_B, self.pera_h,
+                                     self.scaling, self.terms, x_adapter)
+
+    def _forward_cuda(self, x, W, x_adapter):
+        return ops.pera_linear(x, W, self.bias, self.lora_A, self.lora_B, self.pera_h,
+                               self.scaling, self.terms, x_adapter)
+
+
+class GenLoraLinear(AdapterLinear):
+    """GenLoRA (arXiv 2602.05709): factors synthesised by RBFs from one latent per matrix.
+
+    For X in {a, b}: ``genlora_X_latent`` Z (length, d), ``genlora_X_centers`` C (K, d),
+    ``genlora_X_log_gamma`` g (K,), ``genlora_a_mix`` M_A (r, K), ``genlora_b_mix`` M_B (K, r);
+    ``A = M_A rbf(Z_A)^T``, ``B = rbf(Z_B) M_B`` (``reference.genlora_factors``).
+    """
+
+    method = "genlora"
+    adapter_parameter_names = ("genlora_a_latent", "genlora_a_centers", "genlora_a_log_gamma",
+                               "genlora_a_mix", "genlora_b_latent", "genlora_b_centers",
+                               "genlora_b_log_gamma", "genlora_b_mix")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 16,
+                 num_rbf: int = 32, latent_dim: int = 1, alpha: Optional[float] = None,
+                 dropout: float = 0.0, device=None, dtype=None, adapter_dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, r, alpha, dropout, device, dtype)
+        self.num_rbf = K = _positive_int("num_rbf", num_rbf)
+        self.latent_dim = d = _positive_int("latent_dim", latent_dim)
+        f = _adapter_factory(self.weight.device, self.weight.dtype, adapter_dtype)
+        for x, length in (("a", in_features), ("b", out_features)):
+            setattr(self, f"genlora_{x}_latent", nn.Parameter(torch.empty(length, d, **f)))
+            setattr(self, f"genlora_{x}_centers", nn.Parameter(torch.empty(K, d, **f)))
+            setattr(self, f"genlora_{x}_log_gamma", nn.Parameter(torch.empty(K, **f)))
+        self.genlora_a_mix = nn.Parameter(torch.empty(r, K, **f))
+        self.genlora_b_mix = nn.Parameter(torch.empty(K, r, **f))
+        self.reset_adapter_parameters()
+
+    @torch.no_grad()
+    def reset_adapter_parameters(self) -> None:
+        """SPEC-GENLORA.md's initialisation: Delta W = 0 (M_B = 0), A's rows with the variance of
+        LoRA's kaiming-uniform A (1 / (3 in))."""
+        K, d = self.num_rbf, self.latent_dim
+        for x in ("a", "b"):
+            Z = getattr(self, f"genlora_{x}_latent")
+            grid = torch.linspace(-1.0, 1.0, Z.shape[0], dtype=torch.float64)
+            for c in range(d):
+                Z[:, c].copy_(grid[torch.randperm(Z.shape[0])])
+            C = getattr(self, f"genlora_{x}_centers")
+            if d == 1:
+                C[:, 0].copy_(torch.linspace(-1.0, 1.0, K, dtype=torch.float64))
+            else:
+                C.copy_(torch.rand(K, d, dtype=torch.float64) * 2 - 1)
+            getattr(self, f"genlora_{x}_log_gamma").fill_(math.log(max(K * K / 4.0, 1e-3)))
+        phi = reference.rbf_basis(self.genlora_a_latent.double(), self.genlora_a_centers.double(),
+                                  self.genlora_a_log_gamma.double())
+        mean_sq = phi.square().sum(1).mean().clamp_min(1e-12)
+        std = math.sqrt(1.0 / (3.0 * self.in_features * float(mean_sq)))
+        self.genlora_a_mix.copy_(torch.randn(self.r, K, dtype=torch.float64) * std)
+        self.genlora_b_mix.zero_()
+
+    def _config_extra(self) -> Dict:
+        return {"num_rbf": self.num_rbf, "latent_dim": self.latent_dim}
+
+    def _factors(self) -> Tuple[Tensor, Tensor]:
+        return reference.genlora_factors(*self.adapter_parameters())
+
+    def _forward_reference(self, x, W, x_adapter):
+        return reference.genlora_linear(x, W, self.bias, *self.adapter_parameters(), self.scaling, x_adapter)
+
+    def _forward_cuda(self, x, W, x_adapter):
+        return ops.genlora_linear(x, W, self.bias, *self.adapter_parameters(), self.scaling, x_adapter)

@@ -1,0 +1,194 @@
+"""The fast path: ``torch.ops.polykern.*`` (schemas in ``csrc/polykern.cpp``, CUDA kernels in
+``csrc/*.cu``), with their fake (meta) implementations and autograd formulas.
+
+One forward op and one backward op per method, so that a training step costs two dispatches on the
+host: ``pera_linear`` / ``genlora_linear`` return ``(y, U, A, B)`` where ``U = x_a A^T (N, R)`` and
+the generated factors ``A (R, in)`` and ``B (out, R)`` (scaling folded into B, compute dtype) are
+kept for the backward; ``*_linear_backward`` returns the input gradients and, through the
+generator's chain rule, the gradients of the adapter parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+try:  # importing _C runs the static op registrations (schemas and CUDA kernels)
+    from . import _C  # noqa: F401
+    _LOAD_ERROR: Optional[BaseException] = None
+except ImportError as e:  # no CUDA build: the reference path serves
+    _C = None
+    _LOAD_ERROR = e
+
+__all__ = ["cuda_available", "extension_loaded", "pera_linear", "genlora_linear",
+           "pera_expand", "genlora_expand"]
+
+
+def extension_loaded() -> bool:
+    """Whether the compiled extension ``polykern._C`` imported (CUDA build present)."""
+    return _C is not None
+
+
+def _has_cuda_kernel(name: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"polykern::{name}", "CUDA")
+    except RuntimeError:
+        return False
+
+
+_KERNELS = extension_loaded() and all(
+    _has_cuda_kernel(n) for n in ("pera_linear", "pera_linear_backward", "genlora_linear",
+                                  "genlora_linear_backward"))
+
+
+def cuda_available() -> bool:
+    """Whether the CUDA ops are loaded and a GPU is present (modules then use them)."""
+    return _KERNELS and torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake implementations (shapes only), so torch.compile and opcheck can trace the ops.
+# ------------------------------------------------------------------------------------------------
+if extension_loaded():
+    def _fake_forward(x, weight, R):
+        n, m = x.shape[-1], weight.shape[0]
+        N = math.prod(x.shape[:-1])
+        y = x.new_empty((*x.shape[:-1], m))
+        return (y, x.new_empty((N, R)), x.new_empty((R, n)), x.new_empty((m, R)))
+
+    @torch.library.register_fake("polykern::pera_linear")
+    def _(x, weight, bias, A, B, h, pair_i, pair_j, scaling, x_adapter):
+        torch._check(x.shape[-1] == A.shape[1], lambda: "x and lora_A disagree on in_features")
+        torch._check(weight.shape[1] == A.shape[1], lambda: "weight and lora_A disagree on in")
+        torch._check(B.shape[0] == weight.shape[0], lambda: "lora_B and weight disagree on out")
+        return _fake_forward(x, weight, A.shape[0] + pair_i.shape[0])
+
+    @torch.library.register_fake("polykern::genlora_linear")
+    def _(x, weight, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling, x_adapter):
+        torch._check(x.shape[-1] == Z_A.shape[0], lambda: "x and the A latent disagree on in")
+        torch._check(weight.shape[0] == Z_B.shape[0], lambda: "weight and the B latent disagree")
+        return _fake_forward(x, weight, M_A.shape[0])
+
+    def _empty_like_or_none(t, needed):
+        return torch.empty_like(t) if needed else t.new_empty((0,))
+
+    @torch.library.register_fake("polykern::pera_linear_backward")
+    def _(grad_y, x, x_adapter, weight, A, B, h, pair_i, pair_j, scaling, U, A_hat, B_hat,
+          output_mask):
+        gx, gxa, gp = output_mask
+        return (_empty_like_or_none(x, gx),
+                _empty_like_or_none(x, gxa and x_adapter is not None),
+                _empty_like_or_none(A, gp), _empty_like_or_none(B, gp),
+                _empty_like_or_none(h, gp))
+
+    @torch.library.register_fake("polykern::genlora_linear_backward")
+    def _(grad_y, x, x_adapter, weight, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling, U, A, B,
+          output_mask):
+        gx, gxa, gp = output_mask
+        return (_empty_like_or_none(x, gx),
+                _empty_like_or_none(x, gxa and x_adapter is not None),
+                *(_empty_like_or_none(p, gp) for p in (Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B)))
+
+    @torch.library.register_fake("polykern::pera_expand")
+    def _(A, B, h, pair_i, pair_j, scaling, dtype):
+        R = A.shape[0] + pair_i.shape[0]
+        return A.new_empty((R, A.shape[1]), dtype=dtype), B.new_empty((B.shape[0], R), dtype=dtype)
+
+    @torch.library.register_fake("polykern::genlora_expand")
+    def _(Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling, dtype):
+        return (M_A.new_empty((M_A.shape[0], Z_A.shape[0]), dtype=dtype),
+                M_B.new_empty((Z_B.shape[0], M_B.shape[1]), dtype=dtype))
+
+    # --------------------------------------------------------------------------------------------
+    # Autograd: one backward op per method; frozen tensors get no gradient work.
+    # --------------------------------------------------------------------------------------------
+    def _base_grads(ctx, grad_y, x, weight):
+        """Gradients of the frozen base (weight, bias) if a user unfroze them: plain matmuls."""
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        gW = g2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        gb = g2.sum(0) if ctx.needs_input_grad[2] else None
+        return gW, gb
+
+    def _setup(ctx, inputs, output, n_params, scaling_idx):
+        x, weight, bias = inputs[:3]
+        params = inputs[3:3 + n_params]
+        x_adapter = inputs[-1]
+        _, U, A_gen, B_gen = output
+        ctx.scaling = inputs[scaling_idx]
+        ctx.save_for_backward(x, x_adapter, weight, U, A_gen, B_gen, *params)
+
+    def _mask(ctx, x_adapter, param_slice):
+        return [bool(ctx.needs_input_grad[0]),
+                bool(x_adapter is not None and ctx.needs_input_grad[-1]),
+                any(ctx.needs_input_grad[param_slice])]
+
+    def _pera_setup(ctx, inputs, output):
+        _setup(ctx, inputs, output, 5, 8)   # saved: A, B, h, pair_i, pair_j; scaling at 8
+
+    def _pera_backward(ctx, grad_y, _gU, _gA, _gB):
+        x, x_adapter, weight, U, A_hat, B_hat, A, B, h, pair_i, pair_j = ctx.saved_tensors
+        gx, gxa, gA, gB, gh = torch.ops.polykern.pera_linear_backward(
+            grad_y, x, x_adapter, weight, A, B, h, pair_i, pair_j, ctx.scaling, U, A_hat, B_hat,
+            _mask(ctx, x_adapter, slice(3, 6)))
+        gW, gb = _base_grads(ctx, grad_y, x, weight)
+        n = ctx.needs_input_grad
+        return (gx if n[0] else None, gW, gb, gA if n[3] else None, gB if n[4] else None,
+                gh if n[5] else None, None, None, None, gxa if n[9] else None)
+
+    def _genlora_setup(ctx, inputs, output):
+        _setup(ctx, inputs, output, 8, 11)
+
+    def _genlora_backward(ctx, grad_y, _gU, _gA, _gB):
+        x, x_adapter, weight, U, A, B, *params = ctx.saved_tensors
+        grads = torch.ops.polykern.genlora_linear_backward(
+            grad_y, x, x_adapter, weight, *params, ctx.scaling, U, A, B,
+            _mask(ctx, x_adapter, slice(3, 11)))
+        gW, gb = _base_grads(ctx, grad_y, x, weight)
+        n = ctx.needs_input_grad
+        gparams = [g if n[3 + k] else None for k, g in enumerate(grads[2:])]
+        return (grads[0] if n[0] else None, gW, gb, *gparams, None,
+                grads[1] if n[12] else None)
+
+    torch.library.register_autograd("polykern::pera_linear", _pera_backward,
+                                    setup_context=_pera_setup)
+    torch.library.register_autograd("polykern::genlora_linear", _genlora_backward,
+                                    setup_context=_genlora_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points used by the modules (same signatures as the reference functions).
+# ------------------------------------------------------------------------------------------------
+def pera_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, h: Tensor,
+                scaling: float, terms: str, x_adapter: Optional[Tensor] = None) -> Tensor:
+    """CUDA PERA-adapted linear; same contract as ``reference.pera_linear``."""
+    pair_i, pair_j = reference.pera_pairs(A.shape[0], terms, A.device)
+    return torch.ops.polykern.pera_linear(x, W, bias, A, B, h, pair_i, pair_j, float(scaling),
+                                          x_adapter)[0]
+
+
+def genlora_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], Z_A: Tensor, C_A: Tensor,
+                   g_A: Tensor, M_A: Tensor, Z_B: Tensor, C_B: Tensor, g_B: Tensor, M_B: Tensor,
+                   scaling: float, x_adapter: Optional[Tensor] = None) -> Tensor:
+    """CUDA GenLoRA-adapted linear; same contract as ``reference.genlora_linear``."""
+    return torch.ops.polykern.genlora_linear(x, W, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B,
+                                             float(scaling), x_adapter)[0]
+
+
+def pera_expand(A: Tensor, B: Tensor, h: Tensor, terms: str, scaling: float = 1.0,
+                dtype: Optional[torch.dtype] = None):
+    """``(A_hat (R, in), s * B_hat (out, R))`` from the CUDA generator kernel (no autograd)."""
+    pair_i, pair_j = reference.pera_pairs(A.shape[0], terms, A.device)
+    return torch.ops.polykern.pera_expand(A, B, h, pair_i, pair_j, float(scaling),
+                                          dtype or A.dtype)
+
+
+def genlora_expand(Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling: float = 1.0,
+                   dtype: Optional[torch.dtype] = None):
+    """``(A (r, in), s * B (out, r))`` from the CUDA RBF synthesis kernel (no autograd)."""
+    return torch.ops.polykern.genlora_expand(Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B,
+                                             float(scaling), dtype or M_A.dtype)

@@ -1,0 +1,155 @@
+"""Model helpers: inject, merge_and_unload, adapter state (dict and safetensors), counts; on a small
+model built in code and on a Hugging Face transformers model."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import polykern
+from polykern import GenLoraLinear, PeraLinear
+
+
+class Block(nn.Module):
+    def __init__(self, d=24):
+        super().__init__()
+        self.q_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d + 1), nn.GELU(), nn.Linear(2 * d + 1, d))
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(self.q_proj(x) * torch.sigmoid(self.v_proj(x))))
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(Block(), Block(), nn.Linear(24, 5))
+
+
+@torch.no_grad()
+def perturb_adapters(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _, m in polykern.models.adapter_modules(model):
+        for p in m.adapter_parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
+
+
+@pytest.mark.parametrize("method,cfg", [("pera", {"r": 3}), ("genlora", {"r": 3, "num_rbf": 6}),
+                                        ("lora", {"r": 2})])
+def test_inject_by_suffix_and_freeze(method, cfg):
+    model = tiny_model()
+    names = polykern.inject_adapters(model, ["q_proj", "v_proj"], method=method, **cfg)
+    assert names == ["0.q_proj", "0.v_proj", "1.q_proj", "1.v_proj"]
+    cls = GenLoraLinear if method == "genlora" else PeraLinear
+    assert all(isinstance(model.get_submodule(n), cls) for n in names)
+    if method == "lora":
+        assert model.get_submodule(names[0]).terms == "none"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {f"{n}.{p}" for n in names for p in cls.adapter_parameter_names}
+    assert trainable == expected
+    tr, total = polykern.count_parameters(model)
+    assert tr == sum(p.numel() for n, p in model.named_parameters() if n in expected)
+    assert total == sum(p.numel() for p in model.parameters())
+
+
+def test_inject_by_regex_and_errors():
+    model = tiny_model()
+    names = polykern.inject_adapters(model, r"\d+\.mlp\.\d+", method="pera", r=2)
+    assert names == ["0.mlp.0", "0.mlp.2", "1.mlp.0", "1.mlp.2"]
+    with pytest.raises(ValueError, match="unknown adapter method 'dora'"):
+        polykern.inject_adapters(tiny_model(), ["q_proj"], method="dora")
+    with pytest.raises(ValueError, match="no nn.Linear in the model matches"):
+        polykern.inject_adapters(tiny_model(), ["k_proj"])
+    with pytest.raises(TypeError, match="target_modules must be"):
+        polykern.inject_adapters(tiny_model(), [])
+
+
+@pytest.mark.parametrize("method", ["pera", "genlora"])
+def test_merge_and_unload_reproduces_outputs(method):
+    model = tiny_model()
+    polykern.inject_adapters(model, ["q_proj", "v_proj", "2"], method=method, r=3)
+    perturb_adapters(model)
+    x = torch.randn(4, 7, 24)
+    y = model(x)
+    merged = polykern.merge_and_unload(model)
+    assert not polykern.models.adapter_modules(merged)
+    assert all(type(m) in (nn.Linear, nn.Sequential, Block, nn.GELU, nn.LayerNorm)
+               for m in merged.modules())
+    torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["pera", "genlora"])
+def test_adapter_state_dict_round_trip(method):
+    a = tiny_model()
+    polykern.inject_adapters(a, ["q_proj", "v_proj"], method=method, r=3)
+    perturb_adapters(a)
+    sd = polykern.adapter_state_dict(a)
+    assert all(k.split(".")[-1] in PeraLinear.adapter_parameter_names +
+               GenLoraLinear.adapter_parameter_names for k in sd)
+    b = tiny_model()
+    polykern.inject_adapters(b, ["q_proj", "v_proj"], method=method, r=3)
+    polykern.load_adapter_state_dict(b, sd)
+    x = torch.randn(3, 24)
+    assert torch.equal(a(x), b(x))
+    with pytest.raises(KeyError, match="missing"):
+        polykern.load_adapter_state_dict(b, {k: v for k, v in list(sd.items())[1:]})
+
+
+@pytest.mark.parametrize("method,cfg", [
+    ("pera", {"r": 3, "terms": "square", "alpha": 6.0}),
+    ("genlora", {"r": 2, "num_rbf": 5, "latent_dim": 2}),
+    ("pera", {"r": 2, "adapter_dtype": torch.float32}),
+])
+def test_save_load_safetensors_rebuilds_and_is_bitwise(tmp_path, method, cfg):
+    dtype = torch.bfloat16 if "adapter_dtype" in cfg else torch.float32
+    a = tiny_model().to(dtype)
+    polykern.inject_adapters(a, ["q_proj", "mlp.2"], method=method, **cfg)
+    perturb_adapters(a)
+    path = tmp_path / "adapters.safetensors"
+    polykern.save_adapters(a, str(path))
+    b = tiny_model().to(dtype)   # plain model: the file's metadata rebuilds the adapters
+    names = polykern.load_adapters(b, str(path))
+    assert sorted(names) == ["0.mlp.2", "0.q_proj", "1.mlp.2", "1.q_proj"]
+    for n in names:
+        assert b.get_submodule(n).adapter_config() == a.get_submodule(n).adapter_config()
+    x = torch.randn(5, 24, dtype=dtype)
+    assert torch.equal(a(x), b(x))
+    c = tiny_model().to(dtype)   # already adapted the same way: loads in place
+    polykern.inject_adapters(c, ["q_proj", "mlp.2"], method=method, **cfg)
+    polykern.load_adapters(c, str(path))
+    assert torch.equal(a(x), c(x))
+
+
+def test_load_adapters_refuses_mismatch(tmp_path):
+    a = tiny_model()
+    polykern.inject_adapters(a, ["q_proj"], method="pera", r=3)
+    path = str(tmp_path / "a.safetensors")
+    polykern.save_adapters(a, path)
+    b = tiny_model()
+    polykern.inject_adapters(b, ["q_proj"], method="pera", r=4)
+    with pytest.raises(ValueError, match="differs from the file"):
+        polykern.load_adapters(b, path)
+    with pytest.raises(ValueError, match="no polykern adapter layers"):
+        polykern.save_adapters(tiny_model(), path)
+
+
+@pytest.mark.parametrize("method", ["pera", "genlora"])
+def test_transformers_bert_inject_train_merge(method):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=37,
+                                  max_position_embeddings=16)
+    model = transformers.BertModel(cfg).eval()
+    names = polykern.inject_adapters(model, ["query", "value", "intermediate.dense"],
+                                     method=method, r=4)
+    assert len(names) == 6
+    perturb_adapters(model)
+    ids = torch.randint(0, 50, (3, 9))
+    out = model(input_ids=ids).last_hidden_state
+    loss = out.square().mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    merged = polykern.merge_and_unload(model)
+    torch.testing.assert_close(merged(input_ids=ids).last_hidden_state, out, rtol=1e-4,
+                               atol=1e-5)
