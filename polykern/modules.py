@@ -95,10 +95,12 @@ class AdapterLinear(nn.Module):
     def _config_extra(self) -> Dict:
         raise NotImplementedError
 
-    def _forward_reference(self, x: Tensor, W: Tensor, x_adapter: Optional[Tensor]) -> Tensor:
+    def _forward_reference(self, x: Tensor, W: Tensor, bias: Optional[Tensor],
+                           x_adapter: Optional[Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def _forward_cuda(self, x: Tensor, W: Tensor, x_adapter: Optional[Tensor]) -> Tensor:
+    def _forward_cuda(self, x: Tensor, W: Tensor, bias: Optional[Tensor],
+                      x_adapter: Optional[Tensor]) -> Tensor:
         raise NotImplementedError
 
     # --- shared behaviour ------------------------------------------------------------------
@@ -154,13 +156,14 @@ class AdapterLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x (..., in) -> (..., out)``."""
         self._check_input(x)
-        W = self.weight
+        W, bias = self.weight, self.bias
         if self.merged:
-            return F.linear(x, W, self.bias)
+            return F.linear(x, W, bias)
         if torch.is_autocast_enabled(x.device.type):
             # Cast as F.linear would under autocast: the autocast dtype is the compute dtype.
             dt = torch.get_autocast_dtype(x.device.type)
             x, W = x.to(dt), W.to(dt)
+            bias = None if bias is None else bias.to(dt)
         elif x.dtype != W.dtype:
             raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {x.dtype} "
                                f"(input) and {W.dtype} (weight)")
@@ -168,8 +171,8 @@ class AdapterLinear(nn.Module):
         if self.dropout > 0.0 and self.training:
             x_adapter = F.dropout(x, self.dropout, True)
         if x.is_cuda and ops.cuda_available():
-            return self._forward_cuda(x, W, x_adapter)
-        return self._forward_reference(x, W, x_adapter)
+            return self._forward_cuda(x, W, bias, x_adapter)
+        return self._forward_reference(x, W, bias, x_adapter)
 
     def extra_repr(self) -> str:
         extra = ", ".join(f"{k}={v!r}" for k, v in self._config_extra().items())
@@ -229,12 +232,12 @@ class PeraLinear(AdapterLinear):
         return (reference.pera_expand_A(self.lora_A, self.pera_h, self.terms),
                 reference.pera_expand_B(self.lora_B, self.terms))
 
-    def _forward_reference(self, x, W, x_adapter):
-        return reference.pera_linear(x, W, self.bias, self.lora_A, self.lora_B, self.pera_h,
+    def _forward_reference(self, x, W, bias, x_adapter):
+        return reference.pera_linear(x, W, bias, self.lora_A, self.lora_B, self.pera_h,
                                      self.scaling, self.terms, x_adapter)
 
-    def _forward_cuda(self, x, W, x_adapter):
-        return ops.pera_linear(x, W, self.bias, self.lora_A, self.lora_B, self.pera_h,
+    def _forward_cuda(self, x, W, bias, x_adapter):
+        return ops.pera_linear(x, W, bias, self.lora_A, self.lora_B, self.pera_h,
                                self.scaling, self.terms, x_adapter)
 
 
@@ -295,8 +298,8 @@ class GenLoraLinear(AdapterLinear):
     def _factors(self) -> Tuple[Tensor, Tensor]:
         return reference.genlora_factors(*self.adapter_parameters())
 
-    def _forward_reference(self, x, W, x_adapter):
-        return reference.genlora_linear(x, W, self.bias, *self.adapter_parameters(), self.scaling, x_adapter)
+    def _forward_reference(self, x, W, bias, x_adapter):
+        return reference.genlora_linear(x, W, bias, *self.adapter_parameters(), self.scaling, x_adapter)
 
-    def _forward_cuda(self, x, W, x_adapter):
-        return ops.genlora_linear(x, W, self.bias, *self.adapter_parameters(), self.scaling, x_adapter)
+    def _forward_cuda(self, x, W, bias, x_adapter):
+        return ops.genlora_linear(x, W, bias, *self.adapter_parameters(), self.scaling, x_adapter)

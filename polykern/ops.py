@@ -66,7 +66,9 @@ if extension_loaded():
         torch._check(x.shape[-1] == A.shape[1], lambda: "x and lora_A disagree on in_features")
         torch._check(weight.shape[1] == A.shape[1], lambda: "weight and lora_A disagree on in")
         torch._check(B.shape[0] == weight.shape[0], lambda: "lora_B and weight disagree on out")
-        return _fake_forward(x, weight, A.shape[0] + pair_i.shape[0])
+        # R from h's (static) length, not pair_i's: under torch.compile the cached pair tensors
+        # are constants whose sizes would be unbacked symbols.
+        return _fake_forward(x, weight, A.shape[0] + h.shape[0])
 
     @torch.library.register_fake("polykern::genlora_linear")
     def _(x, weight, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling, x_adapter):
@@ -75,7 +77,8 @@ if extension_loaded():
         return _fake_forward(x, weight, M_A.shape[0])
 
     def _empty_like_or_none(t, needed):
-        return torch.empty_like(t) if needed else t.new_empty((0,))
+        # the real kernels return contiguous tensors (or an empty one when not asked for)
+        return t.new_empty(t.shape) if needed else t.new_empty((0,))
 
     @torch.library.register_fake("polykern::pera_linear_backward")
     def _(grad_y, x, x_adapter, weight, A, B, h, pair_i, pair_j, scaling, U, A_hat, B_hat,
@@ -96,7 +99,7 @@ if extension_loaded():
 
     @torch.library.register_fake("polykern::pera_expand")
     def _(A, B, h, pair_i, pair_j, scaling, dtype):
-        R = A.shape[0] + pair_i.shape[0]
+        R = A.shape[0] + h.shape[0]
         return A.new_empty((R, A.shape[1]), dtype=dtype), B.new_empty((B.shape[0], R), dtype=dtype)
 
     @torch.library.register_fake("polykern::genlora_expand")
@@ -119,6 +122,8 @@ if extension_loaded():
         params = inputs[3:3 + n_params]
         x_adapter = inputs[-1]
         _, U, A_gen, B_gen = output
+        # U and the generated factors are kept for the backward, not meant to be differentiated
+        ctx.mark_non_differentiable(U, A_gen, B_gen)
         ctx.scaling = inputs[scaling_idx]
         ctx.save_for_backward(x, x_adapter, weight, U, A_gen, B_gen, *params)
 

@@ -1,0 +1,259 @@
+"""Benchmark of one adapted layer, forward+backward (and forward only), bf16, frozen weight, x
+requiring grad, as a ratio to a frozen nn.Linear of the same shape measured in the same run.
+
+Implementations (``impl``): polykern (the CUDA ops), authors (the authors' formulation), naive (the
+reference: same math, cached gather indices), compiled_naive (torch.compile of naive), lora_eager
+(plain LoRA r=16 in PyTorch), peft_lora / peft_lora_fp32 (peft's LoRA layer with bf16 / its default
+fp32 adapters), frozen_linear, merged (a merged layer). Median of many CUDA-event-timed runs after
+warm-up; adapter parameters random (never zeros).
+
+    python bench/bench_layers.py --json bench/results/h100.json --plot bench/results/ratio_vs_N.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import polykern
+from polykern import GenLoraLinear, PeraLinear
+from polykern import reference as ref
+
+DEV = "cuda"
+DT = torch.bfloat16
+
+
+def time_fn(fn, reps=30, warmup=5):
+    """Median ms of ``fn()`` over ``reps`` CUDA-event-timed runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def randomize(params, scale=0.02):
+    for p in params:
+        p.copy_(torch.randn_like(p) * scale)
+
+
+def step_fn(forward, x, gy, params, mode):
+    """One timed step: forward (+ backward into x and the trainable params)."""
+    def fn():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        if mode == "fwd":
+            with torch.no_grad():
+                forward(x)
+        else:
+            forward(x).backward(gy)
+    return fn
+
+
+def make_impls(op, r, K, n, m, terms, with_compile, with_peft):
+    """name -> (forward callable, trainable params)."""
+    torch.manual_seed(0)
+    base = nn.Linear(n, m, bias=False, device=DEV, dtype=DT).requires_grad_(False)
+    W = base.weight
+    impls = {"frozen_linear": (base, [])}
+    if op == "pera":
+        layer = PeraLinear.from_linear(base, r=r, terms=terms)
+        randomize(layer.adapter_parameters())
+        A, B, h = layer.adapter_parameters()
+        s = layer.scaling
+        impls["polykern"] = (layer, [A, B, h])
+        naive = lambda x: ref.pera_linear(x, W, None, A, B, h, s, terms)  # noqa: E731
+        impls["naive"] = (naive, [A, B, h])
+        impls["authors"] = (lambda x: ref.pera_linear_authors(x, W, None, A, B, h, s, terms),
+                            [A, B, h])
+        if with_compile:
+            impls["compiled_naive"] = (torch.compile(naive), [A, B, h])
+        merged = PeraLinear.from_linear(nn.Linear(n, m, bias=False, device=DEV, dtype=DT),
+                                        r=r, terms=terms)
+    else:
+        layer = GenLoraLinear.from_linear(base, r=r, num_rbf=K)
+        with torch.no_grad():
+            layer.genlora_b_mix.normal_(0, 0.02)
+        params = layer.adapter_parameters()
+        impls["polykern"] = (layer, params)
+        naive = lambda x: ref.genlora_linear(x, W, None, *params, layer.scaling)  # noqa: E731
+        impls["naive"] = (naive, params)
+        if with_compile:
+            impls["compiled_naive"] = (torch.compile(naive), params)
+        merged = GenLoraLinear.from_linear(nn.Linear(n, m, bias=False, device=DEV, dtype=DT),
+                                           r=r, num_rbf=K)
+    merged.merge()
+    impls["merged"] = (merged, [])
+    # plain LoRA r=16 in eager PyTorch
+    lA = torch.randn(16, n, device=DEV, dtype=DT, requires_grad=True)
+    lB = torch.randn(m, 16, device=DEV, dtype=DT, requires_grad=True)
+    with torch.no_grad():
+        lA.mul_(0.02), lB.mul_(0.02)
+    impls["lora_eager"] = (lambda x: F.linear(x, W) + F.linear(F.linear(x, lA), lB), [lA, lB])
+    if with_peft:
+        try:
+            import peft
+            for name, autocast_fp32 in (("peft_lora", False), ("peft_lora_fp32", True)):
+                holder = nn.Sequential()
+                holder.add_module("proj", nn.Linear(n, m, bias=False, device=DEV, dtype=DT))
+                holder.proj.weight.data.copy_(W)
+                cfg = peft.LoraConfig(r=16, lora_alpha=16, target_modules=["proj"])
+                pm = peft.get_peft_model(holder, cfg, autocast_adapter_dtype=autocast_fp32)
+                pl = pm.base_model.model.proj
+                tr = [p for p in pl.parameters() if p.requires_grad]
+                randomize(tr)
+                impls[name] = (pl, tr)
+        except Exception as e:  # report, do not hide
+            print(f"peft baseline unavailable: {e!r}", file=sys.stderr)
+    return impls
+
+
+def bench_case(op, r, K, N, n, m, terms, modes, impl_filter=None, with_compile=False,
+               with_peft=False, reps=30):
+    impls = make_impls(op, r, K, n, m, terms, with_compile, with_peft)
+    x = torch.randn(N, n, device=DEV, dtype=DT, requires_grad=True)
+    gy = torch.randn(N, m, device=DEV, dtype=DT)
+    rows = []
+    for mode in modes:
+        base_ms = time_fn(step_fn(impls["frozen_linear"][0], x, gy, [], mode), reps)
+        for name, (fwd, params) in impls.items():
+            if impl_filter and name not in impl_filter and name != "frozen_linear":
+                continue
+            ms = base_ms if name == "frozen_linear" else time_fn(step_fn(fwd, x, gy, params,
+                                                                         mode), reps)
+            row = {"op": op, "terms": terms if op == "pera" else None, "r": r, "N": N, "in": n,
+                   "out": m, "dtype": "bfloat16", "mode": mode, "impl": name,
+                   "ms": round(ms, 4), "ratio": round(ms / base_ms, 3)}
+            if op == "genlora":
+                row["K"] = K
+            rows.append(row)
+        if "polykern" in impls and mode == "fwd+bwd":
+            torch.cuda.synchronize()
+            for name in ("polykern", "naive"):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                step_fn(impls[name][0], x, gy, impls[name][1], mode)()
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+                rows.append({"op": op, "terms": terms if op == "pera" else None, "r": r,
+                             "N": N, "in": n, "out": m, "dtype": "bfloat16", "mode": mode,
+                             "impl": name, "metric": "peak_extra_MiB", "value": round(peak, 1)})
+    return rows
+
+
+def adapter_width(op, r, terms):
+    return r + ref.pera_num_pairs(r, terms) if op == "pera" else r
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--plot", help="write the ratio-vs-N plot (PNG) here")
+    ap.add_argument("--quick", action="store_true", help="fewer cases (smoke run)")
+    args = ap.parse_args()
+    assert polykern.cuda_available(), "needs a GPU and the compiled extension"
+    rows = []
+    n = m = 4096
+    cases = [  # (op, r, K, N, in, out, terms, modes, compile, peft)
+        ("pera", 16, None, 8192, n, m, "full", ["fwd+bwd", "fwd"], True, True),
+        ("pera", 16, None, 8192, n, m, "square", ["fwd+bwd"], False, False),
+        ("pera", 32, None, 8192, n, m, "full", ["fwd+bwd"], False, False),
+        ("pera", 16, None, 2048, n, m, "full", ["fwd+bwd"], False, False),
+        ("pera", 16, None, 512, n, m, "full", ["fwd+bwd"], False, False),
+        ("pera", 16, None, 8192, n, 14336, "full", ["fwd+bwd"], False, False),
+        ("genlora", 16, 32, 8192, n, m, None, ["fwd+bwd", "fwd"], True, False),
+        ("genlora", 64, 64, 8192, n, m, None, ["fwd+bwd"], False, False),
+        ("genlora", 16, 32, 2048, n, m, None, ["fwd+bwd"], False, False),
+    ]
+    if args.quick:
+        cases = cases[:1]
+    for op, r, K, N, i, o, terms, modes, comp, pf in cases:
+        rows += bench_case(op, r, K, N, i, o, terms, modes, with_compile=comp, with_peft=pf)
+        print_rows([x for x in rows if x.get("N") == N and x["op"] == op and x["r"] == r][-12:])
+    sweep = []
+    if not args.quick:
+        for N in (512, 1024, 2048, 4096, 8192, 16384):
+            sweep += bench_case("pera", 16, None, N, n, m, "full", ["fwd+bwd"],
+                                impl_filter={"polykern", "naive", "lora_eager"}, reps=20)
+            sweep += bench_case("genlora", 16, 32, N, n, m, None, ["fwd+bwd"],
+                                impl_filter={"polykern", "naive"}, reps=20)
+        rows += [dict(x, sweep=True) for x in sweep]
+    # the adapter's own cost: (polykern - frozen) against its FLOPs, 6 N R (in + out) fwd+bwd
+    for x in rows:
+        if x.get("impl") == "polykern" and "ms" in x and x["mode"] == "fwd+bwd":
+            base = next(b for b in rows if b.get("impl") == "frozen_linear" and b["op"] == x["op"]
+                        and b["N"] == x["N"] and b["r"] == x["r"] and b["out"] == x["out"]
+                        and b["mode"] == x["mode"] and b.get("terms") == x.get("terms"))
+            R = adapter_width(x["op"], x["r"], x["terms"] or "full")
+            flops = 6 * x["N"] * R * (x["in"] + x["out"])
+            extra = max(x["ms"] - base["ms"], 1e-6)
+            x["adapter_extra_ms"] = round(extra, 4)
+            x["adapter_TFLOPs"] = round(flops / extra / 1e9, 1)
+            x["flop_floor_ratio"] = round(1 + flops / (4 * x["N"] * x["in"] * x["out"]), 3)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(meta, f, indent=1)
+    if args.plot and sweep:
+        plot(sweep, args.plot, meta["gpu"])
+    print("\nall rows:")
+    print_rows(rows)
+
+
+def print_rows(rows):
+    for x in rows:
+        if "ms" in x:
+            extra = f"  adapter {x['adapter_TFLOPs']} TFLOP/s, floor {x['flop_floor_ratio']}x" \
+                if "adapter_TFLOPs" in x else ""
+            print(f"{x['op']:8s} {str(x.get('terms')):6s} r={x['r']:<3d} K={x.get('K', '-')!s:4s}"
+                  f" N={x['N']:<6d} {x['in']}x{x['out']:<6d} {x['mode']:8s} {x['impl']:15s}"
+                  f" {x['ms']:8.3f} ms  {x['ratio']:6.2f}x{extra}")
+        else:
+            print(f"{x['op']:8s} r={x['r']} N={x['N']} {x['impl']:15s} {x['metric']} "
+                  f"{x['value']}")
+    sys.stdout.flush()
+
+
+def plot(sweep, path, gpu):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for op, impl, style in (("pera", "polykern", "o-"), ("pera", "naive", "s--"),
+                            ("pera", "lora_eager", "^:"), ("genlora", "polykern", "o-"),
+                            ("genlora", "naive", "s--")):
+        pts = sorted((x["N"], x["ratio"]) for x in sweep
+                     if x["op"] == op and x["impl"] == impl and "ratio" in x)
+        if pts:
+            label = f"{op} {impl}" if impl != "lora_eager" else "plain LoRA r=16 (eager)"
+            ax.plot(*zip(*pts), style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("N (tokens)")
+    ax.set_ylabel("time / frozen nn.Linear (fwd+bwd)")
+    ax.set_title(f"4096x4096 bf16, PERA full r=16, GenLoRA r=16 K=32 ({gpu})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

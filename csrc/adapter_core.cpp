@@ -1,0 +1,123 @@
+// The adapter core on cuBLAS (through ATen): the frozen base GEMM with the bias in its epilogue,
+// the down-projection U = x_a A^T, and the up-projection accumulated into the base output with
+// beta = 1 (no extra pass over y). The backward puts gY W and gU A into one buffer.
+#include "common.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdlib>
+
+namespace polykern {
+
+bool poison_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("POLYKERN_POISON");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
+}
+
+void maybe_poison(const Tensor& t) {
+  if (poison_enabled() && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
+std::string shape(c10::IntArrayRef s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + (s.size() == 1 ? ",)" : ")");
+}
+
+void zero_async(const Tensor& t) {
+  if (t.numel() == 0) return;
+  C10_CUDA_CHECK(cudaMemsetAsync(t.data_ptr(), 0, t.nbytes(),
+                                 at::cuda::getCurrentCUDAStream()));
+}
+
+void check_cuda(const Tensor& t, const char* name, const Tensor& like) {
+  TORCH_CHECK(t.is_cuda(), "polykern: ", name, " must be a CUDA tensor, got device ", t.device().str());
+  TORCH_CHECK(t.device() == like.device(), "polykern: ", name, " is on ", t.device().str(),
+              " but the input is on ", like.device().str());
+}
+
+void check_float(const Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "polykern: ", name,
+              " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+void check_linear_inputs(const char* op, const Tensor& x, const Tensor& W,
+                         const std::optional<Tensor>& bias,
+                         const std::optional<Tensor>& x_adapter) {
+  check_cuda(x, "x", x);
+  check_cuda(W, "weight", x);
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
+  TORCH_CHECK(W.dim() == 2, op, ": weight must be 2-D (out, in), got shape ", shape(W.sizes()));
+  TORCH_CHECK(x.size(-1) == W.size(1), op, ": x has last dimension ", num(x.size(-1)),
+              " but weight has in_features ", num(W.size(1)));
+  TORCH_CHECK(x.scalar_type() == W.scalar_type(),
+              op, ": mat1 and mat2 must have the same dtype, but got ", x.scalar_type(),
+              " (x) and ", W.scalar_type(), " (weight)");
+  if (bias.has_value()) {
+    check_cuda(*bias, "bias", x);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == W.size(0), op, ": bias must have shape (",
+                num(W.size(0)), ",), got ", shape(bias->sizes()));
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ",
+                bias->scalar_type(), " differs from x dtype ", x.scalar_type());
+  }
+  if (x_adapter.has_value()) {
+    check_cuda(*x_adapter, "x_adapter", x);
+    TORCH_CHECK(x_adapter->sizes() == x.sizes() &&
+                    x_adapter->scalar_type() == x.scalar_type(),
+                op, ": x_adapter must match x in shape and dtype, got ",
+                shape(x_adapter->sizes()), " ", x_adapter->scalar_type(), " vs ", shape(x.sizes()),
+                " ", x.scalar_type());
+  }
+}
+
+static std::vector<int64_t> out_shape(const Tensor& x, int64_t m) {
+  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
+  s.back() = m;
+  return s;
+}
+
+std::tuple<Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor& W,
+                                           const std::optional<Tensor>& bias, const Tensor& A,
+                                           const Tensor& B,
+                                           const std::optional<Tensor>& x_adapter) {
+  const int64_t n = W.size(1), m = W.size(0);
+  const Tensor x2 = x.reshape({-1, n});                                   // (N, n)
+  const Tensor xa2 = x_adapter.has_value() ? x_adapter->reshape({-1, n}) : x2;
+  Tensor U = at::mm(xa2, A.t());                                          // (N, R)
+  Tensor y = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());  // (N, m)
+  y.addmm_(U, B.t());                                                     // beta = 1: into y
+  return {y.view(out_shape(x, m)), U};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
+    const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& x_adapter,
+    const Tensor& W, const Tensor& A, const Tensor& B, const Tensor& U, bool need_x,
+    bool need_xa, bool need_factors) {
+  const int64_t n = W.size(1), m = W.size(0);
+  const Tensor gy = grad_y.reshape({-1, m});                              // (N, m)
+  const bool separate = x_adapter.has_value();
+  const bool need_gU = need_factors || need_xa || (need_x && !separate);
+  Tensor gU = need_gU ? at::mm(gy, B) : Tensor();                         // (N, R)
+  Tensor gX, gXa, gA, gB;
+  if (need_x) {
+    gX = at::mm(gy, W);                                                   // (N, n)
+    if (!separate) gX.addmm_(gU, A);                                      // adapter share, beta=1
+    gX = gX.view(x.sizes());
+  }
+  if (need_xa && separate) gXa = at::mm(gU, A).view(x.sizes());
+  if (need_factors) {
+    const Tensor xa2 = separate ? x_adapter->reshape({-1, n}) : x.reshape({-1, n});
+    gA = at::mm(gU.t(), xa2);                                             // (R, n)
+    gB = at::mm(gy.t(), U);                                               // (m, R)
+  }
+  auto empty = [&](Tensor& t) { if (!t.defined()) t = at::empty({0}, x.options()); };
+  empty(gX); empty(gXa); empty(gA); empty(gB);
+  return {gX, gXa, gA, gB};
+}
+
+}  // namespace polykern

@@ -1,0 +1,98 @@
+// Shared host-side helpers of the polykern ops: input checks with messages that name the problem,
+// the adapter core (base GEMM + adapter matmuls on cuBLAS through ATen), output poisoning for tests.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace polykern {
+
+using at::Tensor;
+
+// Error messages format numbers and shapes with these (std::to_string), never by streaming an
+// integer into an ostream from this library: on the device image that crashed (a segfault in
+// std::ostream::operator<<(long) from c10::str, seen 2026-11-24 with torch 2.11), while strings
+// stream fine.
+inline std::string num(int64_t v) { return std::to_string(v); }
+std::string shape(c10::IntArrayRef s);
+
+// POLYKERN_POISON=1: fill every kernel output with NaN before the kernel writes it, so a test can
+// see an element that was never written.
+bool poison_enabled();
+void maybe_poison(const Tensor& t);
+
+// Zero a tensor with one cudaMemsetAsync on the current stream (outputs the kernels accumulate
+// into with atomics); cheaper on the host than at::zeros.
+void zero_async(const Tensor& t);
+
+
+void check_cuda(const Tensor& t, const char* name, const Tensor& like);
+void check_float(const Tensor& t, const char* name);
+
+// Forward core shared by both methods: y = x W^T + bias + U B^T with U = x_a A^T.
+//   x (..., n), W (m, n), A (R, n), B (m, R) [scaling folded in]; returns (y (..., m), U (N, R)).
+std::tuple<Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor& W,
+                                           const std::optional<Tensor>& bias, const Tensor& A,
+                                           const Tensor& B,
+                                           const std::optional<Tensor>& x_adapter);
+
+// Backward core: returns (gX, gXa, gA, gB) where gA = dL/dA (R, n), gB = dL/dB (m, R) in the
+// compute dtype; each is an empty tensor when not asked for.
+//   need_x: gX (= gY W, plus gU A when there is no separate adapter input);
+//   need_xa: gXa = gU A (only with x_adapter); need_factors: gA, gB.
+std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
+    const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& x_adapter,
+    const Tensor& W, const Tensor& A, const Tensor& B, const Tensor& U, bool need_x,
+    bool need_xa, bool need_factors);
+
+// Shape and device checks common to both forward ops.
+void check_linear_inputs(const char* op, const Tensor& x, const Tensor& W,
+                         const std::optional<Tensor>& bias,
+                         const std::optional<Tensor>& x_adapter);
+
+}  // namespace polykern
+
+// The dtype the generator kernels read the adapter parameters in: their own when the kernels
+// have an instantiation for it (float32 with any compute dtype, or the compute dtype itself),
+// else float32 (float64 when the compute dtype is float64); converting is then one small copy.
+namespace polykern {
+inline at::ScalarType gen_param_dtype(at::ScalarType param, at::ScalarType compute) {
+  if (compute == at::kDouble) return at::kDouble;
+  if (param == at::kFloat || param == compute) return param;
+  return at::kFloat;
+}
+}  // namespace polykern
+
+// Runs the lambda with p_t = the adapter parameters' storage type (after gen_param_dtype),
+// wt_t = the generator's work type (float, or double for float64) and io_t = the compute dtype
+// of the activations and generated factors.
+#define POLYKERN_DISPATCH_GEN(PT, T, NAME, ...)                                               \
+  [&] {                                                                                       \
+    if (T == at::kDouble) {                                                                   \
+      TORCH_CHECK(PT == at::kDouble, NAME, ": float64 inputs need float64 parameters");       \
+      using p_t = double; using wt_t = double; using io_t = double; return __VA_ARGS__();     \
+    }                                                                                         \
+    using wt_t = float;                                                                       \
+    if (PT == at::kFloat) {                                                                   \
+      using p_t = float;                                                                      \
+      switch (T) {                                                                            \
+        case at::kFloat: { using io_t = float; return __VA_ARGS__(); }                        \
+        case at::kHalf: { using io_t = at::Half; return __VA_ARGS__(); }                      \
+        case at::kBFloat16: { using io_t = at::BFloat16; return __VA_ARGS__(); }              \
+        default: TORCH_CHECK(false, NAME, ": unsupported compute dtype ", T);                 \
+      }                                                                                       \
+    }                                                                                         \
+    TORCH_CHECK(PT == T, NAME, ": parameters of dtype ", PT, " with inputs of dtype ", T);    \
+    switch (T) {                                                                              \
+      case at::kHalf: { using p_t = at::Half; using io_t = at::Half; return __VA_ARGS__(); }  \
+      case at::kBFloat16: {                                                                   \
+        using p_t = at::BFloat16; using io_t = at::BFloat16; return __VA_ARGS__();            \
+      }                                                                                       \
+      default: TORCH_CHECK(false, NAME, ": unsupported compute dtype ", T);                   \
+    }                                                                                         \
+  }()

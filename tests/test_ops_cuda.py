@@ -1,0 +1,263 @@
+"""The CUDA ops against the reference: every op, dtype and terms, forward and all gradients, fresh
+random data of odd shapes, tolerances from the same-dtype reference's own error (the kernel's
+error against float64 at most 2x it); gradcheck in float64; N = 1 and 0; opcheck;
+torch.compile; CUDA graph capture; bad inputs. Skipped without a GPU and the extension."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import polykern
+from polykern import GenLoraLinear, PeraLinear
+from polykern import ops
+from polykern import reference as ref
+from utils import assert_within_ref_error, strided
+
+pytestmark = pytest.mark.skipif(not polykern.cuda_available(),
+                                reason="needs a CUDA GPU and the compiled extension")
+DEV = "cuda"
+LOW = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def random_layer(kind, n, m, r, dtype, bias=True, **cfg):
+    """A float64 layer on the GPU with random (non-zero) adapter parameters of sensible scale."""
+    torch.manual_seed(hash((kind, n, m, r, str(dtype), bias)) % 2**31)
+    cls = PeraLinear if kind == "pera" else GenLoraLinear
+    layer = cls(n, m, bias=bias, r=r, device=DEV, dtype=torch.float64, **cfg)
+    with torch.no_grad():
+        for name, p in zip(layer.adapter_parameter_names, layer.adapter_parameters()):
+            if name in ("lora_A", "lora_B"):
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[1]))
+            elif name == "pera_h":
+                p.copy_(torch.randn_like(p) * 0.5)
+            elif name.endswith(("latent", "centers")):
+                p.uniform_(-1, 1)
+            elif name.endswith("log_gamma"):   # widths of about the centres' spacing
+                p.copy_(torch.randn_like(p) * 0.3 + 1.0)
+            else:                               # mixes
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[0] * p.shape[1]) * 4)
+    return layer.to(dtype)
+
+
+def run(layer, x, dtype, adapter_dtype, use_ops):
+    """Forward + backward of ``layer``'s math with the activations and frozen weight in
+    ``dtype`` and the adapter parameters in ``adapter_dtype``, through the CUDA ops or the
+    reference; returns [y, grad x, grads of the adapter parameters]."""
+    W = layer.weight.detach().to(dtype)
+    b = None if layer.bias is None else layer.bias.detach().to(dtype)
+    params = [p.detach().to(adapter_dtype).requires_grad_() for p in layer.adapter_parameters()]
+    xin = x.detach().to(dtype).requires_grad_()
+    if isinstance(layer, PeraLinear):
+        fn = ops.pera_linear if use_ops else ref.pera_linear
+        y = fn(xin, W, b, *params, layer.scaling, layer.terms)
+    else:
+        fn = ops.genlora_linear if use_ops else ref.genlora_linear
+        y = fn(xin, W, b, *params, layer.scaling)
+    gy = torch.randn(y.shape, generator=torch.Generator(DEV).manual_seed(7), device=DEV,
+                     dtype=torch.float64).to(dtype)
+    grads = torch.autograd.grad(y, [xin] + params, gy, allow_unused=True)
+    return [y] + list(grads)
+
+
+CASES = [("pera", {"terms": t}, r) for t in ("full", "square", "cross") for r in (1, 4, 9)] + \
+        [("pera", {"terms": "full"}, 64), ("pera", {"terms": "none"}, 5),
+         ("genlora", {"num_rbf": 7, "latent_dim": 1}, 5),
+         ("genlora", {"num_rbf": 32, "latent_dim": 3}, 16),
+         ("genlora", {"num_rbf": 256, "latent_dim": 8}, 128)]
+
+
+@pytest.mark.parametrize("kind,cfg,r", CASES)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(d, d) for d in LOW] +
+                         [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("layout", ["3d", "strided"])
+def test_kernel_vs_reference(kind, cfg, r, dtype, adapter_dtype, layout):
+    n, m = 37, 53
+    layer = random_layer(kind, n, m, r, torch.float64, bias=(layout == "3d"), **cfg)
+    x = torch.randn(3, 5, n, device=DEV, dtype=torch.float64)
+    if layout == "strided":
+        x = strided(torch.randn(7, n, device=DEV, dtype=torch.float64))
+    fast = run(layer, x, dtype, adapter_dtype, use_ops=True)
+    same = run(layer, x, dtype, adapter_dtype, use_ops=False)
+    exact = run(layer, x.to(dtype).double(), torch.float64, torch.float64, use_ops=False)
+    names = ["y", "x"] + list(layer.adapter_parameter_names)
+    for name, f, s, e in zip(names, fast, same, exact):
+        if e is None:
+            continue
+        assert f.dtype == s.dtype and f.shape == s.shape, name
+        assert torch.isfinite(f).all(), f"{name}: non-finite values (unwritten output?)"
+        assert_within_ref_error(f, s, e, what=f"{kind} {cfg} r={r} {dtype}/{adapter_dtype} {name}")
+
+
+@pytest.mark.parametrize("kind,cfg", [("pera", {"terms": "full"}), ("pera", {"terms": "cross"}),
+                                      ("genlora", {"num_rbf": 5, "latent_dim": 2})])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gradcheck_float64(kind, cfg, dropout):
+    layer = random_layer(kind, 6, 5, 3, torch.float64, **cfg)
+    layer.dropout = dropout
+    names = layer.adapter_parameter_names
+    x = torch.randn(2, 3, 6, device=DEV, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *p):
+        torch.manual_seed(0)  # the same dropout mask at every evaluation
+        return torch.func.functional_call(layer, dict(zip(names, p)), (x,))
+    params = [p.detach().clone().requires_grad_() for p in layer.adapter_parameters()]
+    assert torch.autograd.gradcheck(f, [x] + params)
+
+
+@pytest.mark.parametrize("kind", ["pera", "genlora"])
+@pytest.mark.parametrize("N", [0, 1])
+def test_tiny_batches(kind, N):
+    layer = random_layer(kind, 37, 53, 4, torch.float64).to(torch.bfloat16)
+    x = torch.randn(N, 37, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (N, 53)
+    y.float().sum().backward()
+    assert x.grad.shape == x.shape
+    for p in layer.adapter_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+        if N == 0:
+            assert torch.count_nonzero(p.grad) == 0
+
+
+@pytest.mark.parametrize("kind", ["pera", "genlora"])
+def test_frozen_input_and_frozen_h(kind):
+    layer = random_layer(kind, 37, 53, 4, torch.float64).float()
+    x = torch.randn(9, 37, device=DEV)
+    if kind == "pera":
+        layer.pera_h.requires_grad_(False)
+    layer(x).sum().backward()
+    if kind == "pera":
+        assert layer.pera_h.grad is None and layer.lora_A.grad is not None
+    with torch.no_grad():
+        assert layer(x).shape == (9, 53)
+
+
+def test_dropout_mask_matches_reference():
+    layer = random_layer("pera", 37, 53, 4, torch.float64).float().train()
+    layer.dropout = 0.25
+    x = torch.randn(6, 37, device=DEV)
+    torch.manual_seed(3)
+    y = layer(x)
+    torch.manual_seed(3)
+    xd = torch.nn.functional.dropout(x, 0.25, True)
+    A, B = layer._factors()
+    torch.testing.assert_close(y, ref.adapter_linear(x, layer.weight, layer.bias, A, B,
+                                                     layer.scaling, xd), rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck():
+    # float64: the GenLoRA backward sums over coordinates with atomics (order-dependent), and the
+    # compiled and eager graphs may pick different cuBLAS algorithms; in float64 both differ by
+    # far less than opcheck's default tolerances.
+    for kind in ("pera", "genlora"):
+        layer = random_layer(kind, 37, 53, 4, torch.float64)
+        x = torch.randn(2, 5, 37, device=DEV, dtype=torch.float64, requires_grad=True)
+        params = layer.adapter_parameters()
+        if kind == "pera":
+            pi, pj = ref.pera_pairs(4, "full", DEV)
+            op = torch.ops.polykern.pera_linear.default
+            args = (x, layer.weight, layer.bias, *params, pi, pj, layer.scaling, None)
+        else:
+            op = torch.ops.polykern.genlora_linear.default
+            args = (x, layer.weight, layer.bias, *params, layer.scaling, None)
+        torch.library.opcheck(op, args)
+        with torch.no_grad():
+            torch.library.opcheck(op, tuple(a.detach() if isinstance(a, torch.Tensor) else a
+                                            for a in args))
+
+
+class TinyNet(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        cls = PeraLinear if kind == "pera" else GenLoraLinear
+        self.l1 = cls(40, 64, r=4, device=DEV)
+        self.l2 = cls(64, 24, r=4, device=DEV)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x)))
+
+
+@pytest.mark.parametrize("kind", ["pera", "genlora"])
+def test_torch_compile_fullgraph_trains(kind):
+    torch.manual_seed(0)
+    eager = TinyNet(kind)
+    compiled_model = TinyNet(kind)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x, t = torch.randn(16, 40, device=DEV), torch.randn(16, 24, device=DEV)
+    opt_e = torch.optim.SGD([p for p in eager.parameters() if p.requires_grad], lr=0.1)
+    opt_c = torch.optim.SGD([p for p in compiled_model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(4):
+        for model, opt in ((eager, opt_e), (compiled, opt_c)):
+            loss = (model(x) - t).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["pera", "genlora"])
+def test_cuda_graph_capture_of_a_training_step(kind):
+    torch.manual_seed(1)
+    model = TinyNet(kind)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = torch.randn(8, 40, device=DEV)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up outside the graph
+        for _ in range(2):
+            model(x).square().mean().backward()
+    torch.cuda.current_stream().wait_stream(s)
+    for p in params:
+        p.grad = None
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        loss = model(x).square().mean()
+        loss.backward()
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    captured = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    model(x).square().mean().backward()
+    for a, b in zip(captured, [p.grad for p in params]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_on_cuda():
+    layer = random_layer("pera", 37, 53, 4, torch.float64).to(torch.bfloat16)
+    pi, pj = ref.pera_pairs(4, "full", DEV)
+    x = torch.randn(3, 37, device=DEV, dtype=torch.bfloat16)
+    A, B, h = layer.adapter_parameters()
+    op = torch.ops.polykern.pera_linear
+    with pytest.raises(RuntimeError, match="must have the same dtype"):
+        op(x.half(), layer.weight, None, A, B, h, pi, pj, 1.0, None)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        op(x, layer.weight, None, A.cpu(), B, h, pi, pj, 1.0, None)
+    with pytest.raises(RuntimeError, match="last dimension 36"):
+        op(x[:, :36], layer.weight, None, A, B, h, pi, pj, 1.0, None)
+    with pytest.raises(RuntimeError, match="lora_B must have shape"):
+        op(x, layer.weight, None, A, B[:, :3], h, pi, pj, 1.0, None)
+    with pytest.raises(RuntimeError, match="support r from 1 to 64"):
+        big = torch.randn(65, 37, device=DEV, dtype=torch.bfloat16)
+        op(x, layer.weight, None, big, torch.randn(53, 65, device=DEV, dtype=torch.bfloat16),
+           h, pi, pj, 1.0, None)
+    with pytest.raises(ValueError, match="input is on cpu"):
+        layer(x.cpu())
+    g = random_layer("genlora", 37, 53, 4, torch.float64).float()
+    with pytest.raises(RuntimeError, match="num_rbf from 1 to 256"):
+        p = g.adapter_parameters()
+        K = 300
+        torch.ops.polykern.genlora_linear(
+            x.float(), g.weight, None, p[0], torch.zeros(K, 1, device=DEV),
+            torch.zeros(K, device=DEV), torch.zeros(4, K, device=DEV), p[4],
+            torch.zeros(K, 1, device=DEV), torch.zeros(K, device=DEV),
+            torch.zeros(K, 4, device=DEV), 1.0, None)
+    torch.cuda.synchronize()  # no sticky launch failure behind the errors
