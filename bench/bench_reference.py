@@ -58,7 +58,7 @@ def cpu_model() -> str:
 
 
 def header(device: torch.device, dtype: torch.dtype) -> List[str]:
-    lines = [f"# polykern bench_reference: PERA reference vs authors' formulation, fwd+bwd",
+    lines = ["# polykern bench_reference: PERA reference vs authors' formulation, fwd+bwd",
              f"# date {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
              f"# command: python {' '.join(sys.argv)}",
              f"# torch {torch.__version__}, python {platform.python_version()}, "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Dict, Iterable, List, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -48,7 +48,9 @@ def inject_adapters(model: nn.Module, target_modules: Union[str, Sequence[str]],
                     method: str = "pera", **cfg) -> List[str]:
     """Replace, in place, every ``nn.Linear`` whose qualified name matches ``target_modules`` (a
     list of name suffixes such as ``["q_proj", "v_proj"]``, or a regex matched against the whole
-    name) by an adapter layer wrapping it; freeze every other parameter. ``method`` is "pera",
+    name) by an adapter layer wrapping it; freeze every other parameter except the adapters of
+    earlier calls (so PERA in attention and GenLoRA in the MLP can be injected one after the
+    other). ``method`` is "pera",
     "genlora" or "lora" (PeraLinear with ``terms="none"``); ``cfg`` goes to the layer
     (``r``, ``alpha``, ``terms``, ``num_rbf``, ...). Returns the replaced names."""
     if method not in METHODS:
@@ -61,8 +63,10 @@ def inject_adapters(model: nn.Module, target_modules: Union[str, Sequence[str]],
                if type(m) is nn.Linear and n and match(n)]
     if not targets:
         raise ValueError(f"no nn.Linear in the model matches target_modules={target_modules!r}")
+    earlier = {id(p) for _, m in adapter_modules(model) for p in m.adapter_parameters()}
     for p in model.parameters():
-        p.requires_grad_(False)
+        if id(p) not in earlier:
+            p.requires_grad_(False)
     for name in targets:
         _set_submodule(model, name, METHODS[method].from_linear(model.get_submodule(name), **cfg))
     return targets
@@ -112,13 +116,23 @@ def adapter_configs(model: nn.Module) -> Dict[str, Dict]:
     return {name: m.adapter_config() for name, m in adapter_modules(model)}
 
 
-def save_adapters(model: nn.Module, path: str) -> None:
+def save_adapters(model: nn.Module, path: str,
+                  state_dict: Optional[Dict[str, Tensor]] = None) -> None:
     """Write the adapter tensors to a safetensors file, with each layer's config in its metadata
-    (so ``load_adapters`` can rebuild the adapters on a model that has none)."""
+    (so ``load_adapters`` can rebuild the adapters on a model that has none). ``state_dict``
+    gives already-gathered tensors (e.g. the full state of an FSDP2-sharded model); its keys
+    must be ``adapter_state_dict(model)``'s."""
     from safetensors.torch import save_file
-    tensors = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
-    if not tensors:
+    own = adapter_state_dict(model)
+    if not own:
         raise ValueError("save_adapters: the model has no polykern adapter layers")
+    if state_dict is not None:
+        if set(state_dict) != set(own):
+            raise KeyError("save_adapters: state_dict keys differ from the model's adapters: "
+                           f"missing {sorted(set(own) - set(state_dict))[:5]}, unexpected "
+                           f"{sorted(set(state_dict) - set(own))[:5]}")
+        own = state_dict
+    tensors = {k: v.detach().contiguous() for k, v in own.items()}
     meta = {_METADATA_KEY: json.dumps(adapter_configs(model)), "format": "pt",
             "polykern_format_version": _FORMAT_VERSION}
     save_file(tensors, path, metadata=meta)

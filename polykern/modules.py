@@ -81,6 +81,7 @@ class AdapterLinear(nn.Module):
         cfg.setdefault("device", linear.weight.device)
         cfg.setdefault("dtype", linear.weight.dtype)
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **cfg)
+        layer.train(linear.training)  # an eval-mode model stays in eval mode (no adapter dropout)
         linear.weight.requires_grad_(False)
         layer.weight = linear.weight
         if linear.bias is not None:

@@ -153,3 +153,35 @@ def test_transformers_bert_inject_train_merge(method):
     merged = polykern.merge_and_unload(model)
     torch.testing.assert_close(merged(input_ids=ids).last_hidden_state, out, rtol=1e-4,
                                atol=1e-5)
+
+
+def test_second_injection_keeps_earlier_adapters_trainable():
+    model = tiny_model()
+    first = polykern.inject_adapters(model, ["q_proj"], method="pera", r=2)
+    second = polykern.inject_adapters(model, ["mlp.0"], method="genlora", r=2, num_rbf=4)
+    trainable = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(first) | set(second)
+
+
+def test_injection_keeps_eval_mode():
+    model = tiny_model().eval()
+    polykern.inject_adapters(model, ["q_proj"], method="pera", r=2, dropout=0.5)
+    perturb_adapters(model)
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(3, 24)
+    assert torch.equal(model(x), model(x))  # no adapter dropout in eval mode
+
+
+def test_save_adapters_from_gathered_state(tmp_path):
+    a = tiny_model()
+    polykern.inject_adapters(a, ["q_proj"], method="pera", r=2)
+    perturb_adapters(a)
+    gathered = {k: v.clone() for k, v in polykern.adapter_state_dict(a).items()}
+    path = str(tmp_path / "g.safetensors")
+    polykern.save_adapters(a, path, state_dict=gathered)
+    b = tiny_model()
+    polykern.load_adapters(b, path)
+    x = torch.randn(2, 24)
+    assert torch.equal(a(x), b(x))
+    with pytest.raises(KeyError, match="differ"):
+        polykern.save_adapters(a, path, state_dict={"nope": torch.zeros(1)})
