@@ -1,4 +1,5 @@
-"""PeraLinear and GenLoraLinear: drop-in ``nn.Linear`` replacements with a generated low-rank update.
+"""PeraLinear and GenLoraLinear: drop-in ``nn.Linear`` replacements with a generated low-rank
+update.
 
 Both share one base (frozen weight and bias, dropout on the adapter path, scaling, merge/unmerge,
 ``from_linear``, ``delta_weight``); each supplies its generator: PERA's polynomial expansion of
@@ -300,7 +301,9 @@ class GenLoraLinear(AdapterLinear):
         return reference.genlora_factors(*self.adapter_parameters())
 
     def _forward_reference(self, x, W, bias, x_adapter):
-        return reference.genlora_linear(x, W, bias, *self.adapter_parameters(), self.scaling, x_adapter)
+        return reference.genlora_linear(x, W, bias, *self.adapter_parameters(), self.scaling,
+                                        x_adapter)
 
     def _forward_cuda(self, x, W, bias, x_adapter):
-        return ops.genlora_linear(x, W, bias, *self.adapter_parameters(), self.scaling, x_adapter)
+        return ops.genlora_linear(x, W, bias, *self.adapter_parameters(), self.scaling,
+                                  x_adapter)

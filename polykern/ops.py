@@ -199,7 +199,9 @@ if extension_loaded():
 
 
 def _eager() -> bool:
-    return not torch.compiler.is_compiling()
+    """Plain eager autograd: not tracing for torch.compile, no torch.func transform active
+    (the autograd.Functions above define no setup_context/vmap rules; the registered op does)."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
 
 
 # ------------------------------------------------------------------------------------------------
