@@ -50,9 +50,9 @@ def inject_adapters(model: nn.Module, target_modules: Union[str, Sequence[str]],
     list of name suffixes such as ``["q_proj", "v_proj"]``, or a regex matched against the whole
     name) by an adapter layer wrapping it; freeze every other parameter except the adapters of
     earlier calls (so PERA in attention and GenLoRA in the MLP can be injected one after the
-    other). ``method`` is "pera",
-    "genlora" or "lora" (PeraLinear with ``terms="none"``); ``cfg`` goes to the layer
-    (``r``, ``alpha``, ``terms``, ``num_rbf``, ...). Returns the replaced names."""
+    other). ``method`` is "pera", "genlora" or "lora" (PeraLinear with ``terms="none"``); ``cfg``
+    goes to the layer (``r``, ``alpha``, ``terms``, ``num_rbf``, ...). Returns the replaced
+    names."""
     if method not in METHODS:
         raise ValueError(f"unknown adapter method {method!r}: expected one of {sorted(METHODS)}")
     if method == "lora":

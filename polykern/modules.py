@@ -23,6 +23,35 @@ from . import ops, reference
 __all__ = ["AdapterLinear", "PeraLinear", "GenLoraLinear"]
 
 
+def compute_inputs(x: Tensor, W: Tensor, bias: Optional[Tensor]):
+    """``(x, W, bias)`` in the compute dtype: under autocast the autocast dtype (cast as
+    ``F.linear`` would cast them); otherwise ``x`` must already match the frozen weight, and a
+    mismatch raises the ``RuntimeError`` that ``nn.Linear`` raises."""
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        return x.to(dt), W.to(dt), None if bias is None else bias.to(dt)
+    if x.dtype != W.dtype:
+        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {x.dtype} "
+                           f"(input) and {W.dtype} (weight)")
+    return x, W, bias
+
+
+def pera_forward(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, h: Tensor,
+                 scaling: float, terms: str, x_adapter: Optional[Tensor] = None) -> Tensor:
+    """The PERA-adapted linear on the path that serves ``x``: the CUDA ops for CUDA inputs when
+    the extension is loaded, the reference otherwise (same contract as
+    ``reference.pera_linear``)."""
+    fn = ops.pera_linear if x.is_cuda and ops.cuda_available() else reference.pera_linear
+    return fn(x, W, bias, A, B, h, scaling, terms, x_adapter)
+
+
+def genlora_forward(x: Tensor, W: Tensor, bias: Optional[Tensor], Z_A, C_A, g_A, M_A, Z_B, C_B,
+                    g_B, M_B, scaling: float, x_adapter: Optional[Tensor] = None) -> Tensor:
+    """The GenLoRA-adapted linear on the path that serves ``x`` (see :func:`pera_forward`)."""
+    fn = ops.genlora_linear if x.is_cuda and ops.cuda_available() else reference.genlora_linear
+    return fn(x, W, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling, x_adapter)
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
@@ -36,8 +65,8 @@ class AdapterLinear(nn.Module):
     update ``Delta W = s * B @ A`` whose factors a subclass generates from its parameters.
 
     Subclasses define ``method``, ``adapter_parameter_names``, ``_config_extra()``,
-    ``_factors()`` (reference generator: ``A (R, in)``, ``B (out, R)``), ``_forward_reference``
-    and ``_forward_cuda``.
+    ``_factors()`` (reference generator: ``A (R, in)``, ``B (out, R)``) and ``_adapted``
+    (base plus adapter on the path that serves the input).
     """
 
     method: str = ""
@@ -97,12 +126,9 @@ class AdapterLinear(nn.Module):
     def _config_extra(self) -> Dict:
         raise NotImplementedError
 
-    def _forward_reference(self, x: Tensor, W: Tensor, bias: Optional[Tensor],
-                           x_adapter: Optional[Tensor]) -> Tensor:
-        raise NotImplementedError
-
-    def _forward_cuda(self, x: Tensor, W: Tensor, bias: Optional[Tensor],
-                      x_adapter: Optional[Tensor]) -> Tensor:
+    def _adapted(self, x: Tensor, W: Tensor, bias: Optional[Tensor],
+                 x_adapter: Optional[Tensor]) -> Tensor:
+        """Base plus adapter through :func:`pera_forward` / :func:`genlora_forward`."""
         raise NotImplementedError
 
     # --- shared behaviour ------------------------------------------------------------------
@@ -158,23 +184,13 @@ class AdapterLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x (..., in) -> (..., out)``."""
         self._check_input(x)
-        W, bias = self.weight, self.bias
         if self.merged:
-            return F.linear(x, W, bias)
-        if torch.is_autocast_enabled(x.device.type):
-            # Cast as F.linear would under autocast: the autocast dtype is the compute dtype.
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, W = x.to(dt), W.to(dt)
-            bias = None if bias is None else bias.to(dt)
-        elif x.dtype != W.dtype:
-            raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {x.dtype} "
-                               f"(input) and {W.dtype} (weight)")
+            return F.linear(x, self.weight, self.bias)
+        x, W, bias = compute_inputs(x, self.weight, self.bias)
         x_adapter = None
         if self.dropout > 0.0 and self.training:
             x_adapter = F.dropout(x, self.dropout, True)
-        if x.is_cuda and ops.cuda_available():
-            return self._forward_cuda(x, W, bias, x_adapter)
-        return self._forward_reference(x, W, bias, x_adapter)
+        return self._adapted(x, W, bias, x_adapter)
 
     def extra_repr(self) -> str:
         extra = ", ".join(f"{k}={v!r}" for k, v in self._config_extra().items())
@@ -234,13 +250,9 @@ class PeraLinear(AdapterLinear):
         return (reference.pera_expand_A(self.lora_A, self.pera_h, self.terms),
                 reference.pera_expand_B(self.lora_B, self.terms))
 
-    def _forward_reference(self, x, W, bias, x_adapter):
-        return reference.pera_linear(x, W, bias, self.lora_A, self.lora_B, self.pera_h,
-                                     self.scaling, self.terms, x_adapter)
-
-    def _forward_cuda(self, x, W, bias, x_adapter):
-        return ops.pera_linear(x, W, bias, self.lora_A, self.lora_B, self.pera_h,
-                               self.scaling, self.terms, x_adapter)
+    def _adapted(self, x, W, bias, x_adapter):
+        return pera_forward(x, W, bias, self.lora_A, self.lora_B, self.pera_h, self.scaling,
+                            self.terms, x_adapter)
 
 
 class GenLoraLinear(AdapterLinear):
@@ -300,10 +312,5 @@ class GenLoraLinear(AdapterLinear):
     def _factors(self) -> Tuple[Tensor, Tensor]:
         return reference.genlora_factors(*self.adapter_parameters())
 
-    def _forward_reference(self, x, W, bias, x_adapter):
-        return reference.genlora_linear(x, W, bias, *self.adapter_parameters(), self.scaling,
-                                        x_adapter)
-
-    def _forward_cuda(self, x, W, bias, x_adapter):
-        return ops.genlora_linear(x, W, bias, *self.adapter_parameters(), self.scaling,
-                                  x_adapter)
+    def _adapted(self, x, W, bias, x_adapter):
+        return genlora_forward(x, W, bias, *self.adapter_parameters(), self.scaling, x_adapter)

@@ -38,8 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops, reference
-from .modules import AdapterLinear, GenLoraLinear, PeraLinear
+from . import reference
+from .modules import (AdapterLinear, GenLoraLinear, PeraLinear, compute_inputs,
+                      genlora_forward, pera_forward)
 
 # The peft versions this bridge is tested with (0.17.1 beside transformers 4.57, which peft 0.17
 # needs; 0.18.1, 0.19.1, 0.20.0, 0.21.2 beside transformers 5). ``_register_custom_module`` is
@@ -277,12 +278,9 @@ class PolykernLoraLinear(nn.Module, _LoraLayer):
         loaded, the reference otherwise (the choice ``AdapterLinear.forward`` makes)."""
         cfg, p = self.polykern_config[adapter], self.adapter_tensors(adapter)
         s = self.scaling[adapter]
-        fast = x.is_cuda and ops.cuda_available()
         if cfg["method"] == "genlora":
-            f = ops.genlora_linear if fast else reference.genlora_linear
-            return f(x, W, bias, *p, s, x_adapter)
-        f = ops.pera_linear if fast else reference.pera_linear
-        return f(x, W, bias, *p, s, cfg["terms"], x_adapter)
+            return genlora_forward(x, W, bias, *p, s, x_adapter)
+        return pera_forward(x, W, bias, *p, s, cfg["terms"], x_adapter)
 
     def _adapter_output(self, adapter: str, x_adapter: Tensor, dtype: torch.dtype) -> Tensor:
         """One more active adapter's term ``s (x_a A^T) B^T`` alone (several active adapters)."""
@@ -302,21 +300,13 @@ class PolykernLoraLinear(nn.Module, _LoraLayer):
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
-        W = base.weight
-        # The casts and checks of AdapterLinear.forward: under autocast its dtype is the compute
-        # dtype (as F.linear would cast); outside it, x must match the weight, as for nn.Linear.
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, W = x.to(dt), W.to(dt)
-        elif x.dtype != W.dtype:
-            raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {x.dtype} "
-                               f"(input) and {W.dtype} (weight)")
+        x, W, bias = compute_inputs(x, base.weight, base.bias)  # AdapterLinear.forward's casts
         y = None
         for adapter in active:
             drop = self.lora_dropout[adapter]
             x_adapter = drop(x) if self.training and isinstance(drop, nn.Dropout) else None
             if y is None:
-                y = self._adapted_linear(adapter, x, W, base.bias, x_adapter)
+                y = self._adapted_linear(adapter, x, W, bias, x_adapter)
             else:
                 y = y + self._adapter_output(adapter, x if x_adapter is None else x_adapter,
                                              W.dtype)

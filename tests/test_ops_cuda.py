@@ -168,6 +168,31 @@ def test_opcheck():
                                             for a in args))
 
 
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32),
+                                                 (torch.bfloat16, torch.float32),
+                                                 (torch.float16, torch.float16)])
+def test_expand_ops_match_reference_factors(dtype, adapter_dtype):
+    """The generator ops alone (pera_expand, genlora_expand): the reference's factors, scaling
+    folded into B, cast to the compute dtype, within the rounding of that cast."""
+    for kind, cfg in (("pera", {"terms": "full"}), ("pera", {"terms": "cross"}),
+                      ("genlora", {"num_rbf": 9, "latent_dim": 2})):
+        layer = random_layer(kind, 37, 53, 5, torch.float64, **cfg)
+        params = [p.detach().to(adapter_dtype) for p in layer.adapter_parameters()]
+        if kind == "pera":
+            A, B = ops.pera_expand(*params, layer.terms, 0.7, dtype)
+            A_ref = ref.pera_expand_A(params[0].double(), params[2].double(), layer.terms)
+            B_ref = ref.pera_expand_B(params[1].double(), layer.terms)
+        else:
+            A, B = ops.genlora_expand(*params, 0.7, dtype)
+            A_ref, B_ref = ref.genlora_factors(*(p.double() for p in params))
+        for got, want, name in ((A, A_ref, "A"), (B, 0.7 * B_ref, "B")):
+            assert got.dtype == dtype and got.shape == want.shape, name
+            # one rounding to dtype plus float32 arithmetic on the way
+            tol = torch.finfo(dtype).eps + (0 if adapter_dtype == torch.float64 else 1e-6)
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max(),
+                                       msg=f"{kind} {cfg} {name}")
+
+
 class TinyNet(nn.Module):
     def __init__(self, kind):
         super().__init__()

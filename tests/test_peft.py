@@ -326,3 +326,20 @@ def test_bridge_runs_the_kernels_on_gpu(method, opts, monkeypatch):
     for layer, ref in pairs(pm, native):
         for a, b in zip(layer.adapter_tensors("default"), ref.adapter_parameters()):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if polykern.cuda_available() else []))
+@pytest.mark.parametrize("method,opts", METHODS[:2])
+def test_autocast_with_bias_matches_polykern_layers(method, opts, device):
+    """Under autocast the bridge casts input, weight and bias as AdapterLinear.forward does (one
+    shared helper), so it computes exactly what the native layers compute."""
+    native = native_model(method, opts)
+    perturb_adapters(native)
+    pm = peft_model(method, opts)
+    copy_native_into_peft(pm, native)
+    pm, native = pm.to(device), native.to(device)
+    x = torch.randn(4, 24, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        a, b = pm(x), native(x)
+    assert a.dtype == b.dtype
+    assert torch.equal(a, b)
