@@ -28,10 +28,14 @@ from polykern import reference as ref
 
 DEV = "cuda"
 DT = torch.bfloat16
+STREAM = 10  # steps per timed run for the back-to-back (throughput) columns
 
 
-def time_fn(fn, reps=30, warmup=5):
-    """Median ms of ``fn()`` over ``reps`` CUDA-event-timed runs after ``warmup`` runs."""
+def time_fn(fn, reps=30, warmup=5, batch=1):
+    """Median ms of ``fn()`` over ``reps`` CUDA-event-timed runs after ``warmup`` runs. With
+    ``batch`` = 1 each run is one synchronised call (latency: the host's launch path is exposed
+    whenever it is slower than the GPU); with ``batch`` > 1 a run is ``batch`` calls back to back,
+    divided by ``batch`` (throughput, as in a training loop where the host runs ahead)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -39,10 +43,11 @@ def time_fn(fn, reps=30, warmup=5):
     for _ in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        fn()
+        for _ in range(batch):
+            fn()
         e.record()
         torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
+        times.append(s.elapsed_time(e) / batch)
     return statistics.median(times)
 
 
@@ -131,15 +136,19 @@ def bench_case(op, r, K, N, n, m, terms, modes, impl_filter=None, with_compile=F
     gy = torch.randn(N, m, device=DEV, dtype=DT)
     rows = []
     for mode in modes:
-        base_ms = time_fn(step_fn(impls["frozen_linear"][0], x, gy, [], mode), reps)
+        base = impls["frozen_linear"][0]
+        base_ms = time_fn(step_fn(base, x, gy, [], mode), reps)
+        base_tp = time_fn(step_fn(base, x, gy, [], mode), reps, batch=STREAM)
         for name, (fwd, params) in impls.items():
             if impl_filter and name not in impl_filter and name != "frozen_linear":
                 continue
-            ms = base_ms if name == "frozen_linear" else time_fn(step_fn(fwd, x, gy, params,
-                                                                         mode), reps)
+            fn = step_fn(fwd, x, gy, params, mode)
+            ms = base_ms if name == "frozen_linear" else time_fn(fn, reps)
+            tp = base_tp if name == "frozen_linear" else time_fn(fn, reps, batch=STREAM)
             row = {"op": op, "terms": terms if op == "pera" else None, "r": r, "N": N, "in": n,
                    "out": m, "dtype": "bfloat16", "mode": mode, "impl": name,
-                   "ms": round(ms, 4), "ratio": round(ms / base_ms, 3)}
+                   "ms": round(ms, 4), "ratio": round(ms / base_ms, 3),
+                   "ms_stream": round(tp, 4), "ratio_stream": round(tp / base_tp, 3)}
             if op == "genlora":
                 row["K"] = K
             rows.append(row)
@@ -167,6 +176,9 @@ def main():
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--plot", help="write the ratio-vs-N plot (PNG) here")
     ap.add_argument("--quick", action="store_true", help="fewer cases (smoke run)")
+    ap.add_argument("--cases", default=None,
+                    help="comma-separated indices into the case list (no N sweep, no compile or "
+                         "peft baselines): a quick look at chosen rows")
     args = ap.parse_args()
     assert polykern.cuda_available(), "needs a GPU and the compiled extension"
     rows = []
@@ -184,11 +196,14 @@ def main():
     ]
     if args.quick:
         cases = cases[:1]
+    if args.cases:
+        cases = [c[:8] + (False, False) for k, c in enumerate(cases)
+                 if str(k) in args.cases.split(",")]
     for op, r, K, N, i, o, terms, modes, comp, pf in cases:
         rows += bench_case(op, r, K, N, i, o, terms, modes, with_compile=comp, with_peft=pf)
         print_rows([x for x in rows if x.get("N") == N and x["op"] == op and x["r"] == r][-12:])
     sweep = []
-    if not args.quick:
+    if not (args.quick or args.cases):
         for N in (512, 1024, 2048, 4096, 8192, 16384):
             sweep += bench_case("pera", 16, None, N, n, m, "full", ["fwd+bwd"],
                                 impl_filter={"polykern", "naive", "lora_eager"}, reps=20)
@@ -225,7 +240,8 @@ def print_rows(rows):
                 if "adapter_TFLOPs" in x else ""
             print(f"{x['op']:8s} {str(x.get('terms')):6s} r={x['r']:<3d} K={x.get('K', '-')!s:4s}"
                   f" N={x['N']:<6d} {x['in']}x{x['out']:<6d} {x['mode']:8s} {x['impl']:15s}"
-                  f" {x['ms']:8.3f} ms  {x['ratio']:6.2f}x{extra}")
+                  f" {x['ms']:8.3f} ms  {x['ratio']:6.2f}x  stream {x['ms_stream']:8.3f} ms "
+                  f"{x['ratio_stream']:6.2f}x{extra}")
         else:
             print(f"{x['op']:8s} r={x['r']} N={x['N']} {x['impl']:15s} {x['metric']} "
                   f"{x['value']}")
@@ -236,21 +252,24 @@ def plot(sweep, path, gpu):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for op, impl, style in (("pera", "polykern", "o-"), ("pera", "naive", "s--"),
-                            ("pera", "lora_eager", "^:"), ("genlora", "polykern", "o-"),
-                            ("genlora", "naive", "s--")):
-        pts = sorted((x["N"], x["ratio"]) for x in sweep
-                     if x["op"] == op and x["impl"] == impl and "ratio" in x)
-        if pts:
-            label = f"{op} {impl}" if impl != "lora_eager" else "plain LoRA r=16 (eager)"
-            ax.plot(*zip(*pts), style, label=label)
-    ax.set_xscale("log", base=2)
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xlabel("N (tokens)")
-    ax.set_ylabel("time / frozen nn.Linear (fwd+bwd)")
-    ax.set_title(f"4096x4096 bf16, PERA full r=16, GenLoRA r=16 K=32 ({gpu})")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, key, title in ((axes[0], "ratio", "one synchronised step (latency)"),
+                           (axes[1], "ratio_stream", "10 steps back to back (throughput)")):
+        for op, impl, style in (("pera", "polykern", "o-"), ("pera", "naive", "s--"),
+                                ("pera", "lora_eager", "^:"), ("genlora", "polykern", "o-"),
+                                ("genlora", "naive", "s--")):
+            pts = sorted((x["N"], x[key]) for x in sweep
+                         if x["op"] == op and x["impl"] == impl and key in x)
+            if pts:
+                label = f"{op} {impl}" if impl != "lora_eager" else "plain LoRA r=16 (eager)"
+                ax.plot(*zip(*pts), style, label=label)
+        ax.set_xscale("log", base=2)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xlabel("N (tokens)")
+        ax.set_title(title)
+    axes[0].set_ylabel("time / frozen nn.Linear (fwd+bwd)")
+    axes[0].legend()
+    fig.suptitle(f"4096x4096 bf16, PERA full r=16, GenLoRA r=16 K=32 ({gpu})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

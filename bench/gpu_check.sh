@@ -37,9 +37,13 @@ t0=$(date +%s)
 cat "$OUT/sanitizer.log"
 echo "sanitizer: $(( $(date +%s) - t0 )) s"
 
+python3 bench/host_overhead.py --json "$OUT/host_overhead.json" > "$OUT/host_overhead.txt" 2>&1
+grep -E "fwd\+bwd|no_grad" "$OUT/host_overhead.txt"
+python3 bench/profile_step.py > "$OUT/profile.txt" 2>&1
+
 quick=""; [ "${GPU_CHECK_QUICK:-0}" = 1 ] && quick="--quick"
 python3 bench/bench_layers.py $quick --json "$OUT/h100.json" --plot "$OUT/ratio_vs_N.png" \
   > "$OUT/bench.txt" 2>&1
 echo "bench rc=$?"
-sed -n '/all rows:/,$p' "$OUT/bench.txt" | grep -v sweep | head -80
+sed -n '/all rows:/,$p' "$OUT/bench.txt" | grep -v -E "sweep|peak" | head -60
 exit $tests_rc

@@ -6,6 +6,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <atomic>
 #include <cstdlib>
 
 namespace polykern {
@@ -81,6 +82,51 @@ static std::vector<int64_t> out_shape(const Tensor& x, int64_t m) {
   return s;
 }
 
+// ---- the merged path ------------------------------------------------------------------------
+// y = x W^T + U B^T = x (W + B A)^T. The unmerged path reads and writes the activation y (or gX)
+// once more (beta = 1): 2 N m elements of traffic and 2 N m R FLOPs. The merged path instead
+// builds W_m = W + B A (read W, write W_m: 2 m n elements, 2 m n R FLOPs) and runs the base GEMM
+// on it, so it pays when N > n (forward; N > m for gX in the backward). A margin of 1.5x keeps
+// the small merge GEMM's lower efficiency on the right side. The backward rebuilds W_m rather
+// than keeping it (it is as large as the frozen weight; keeping one per layer would double the
+// model's weight memory). Rounding: W_m is rounded to the compute dtype once, which adds an
+// error of the size of the output's own rounding (tests/test_ops_cuda.py checks both paths).
+static std::atomic<int> g_merge_policy{0};  // 0 auto, 1 always, 2 never
+
+void set_merge_policy(int64_t policy) {
+  TORCH_CHECK(policy >= 0 && policy <= 2, "polykern: merge policy must be 0 (auto), 1 (always) "
+              "or 2 (never), got ", num(policy));
+  g_merge_policy.store(static_cast<int>(policy));
+}
+
+int64_t get_merge_policy() { return g_merge_policy.load(); }
+
+static bool merge_pays(int64_t rows, int64_t reduced_dim) {
+  const int p = g_merge_policy.load();
+  if (p != 0) return p == 1;
+  return 2 * rows >= 3 * reduced_dim;
+}
+
+static Tensor merged_weight(const Tensor& W, const Tensor& A, const Tensor& B) {
+  return at::addmm(W, B, A);  // (m, n): W + B A, one GEMM with fp32 accumulation
+}
+
+Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias,
+                      const Tensor& A, const Tensor& B) {
+  const int64_t n = W.size(1), m = W.size(0);
+  const Tensor x2 = x.reshape({-1, n});
+  const int64_t N = x2.size(0);
+  Tensor y;
+  if (N > 0 && merge_pays(N, n)) {
+    const Tensor Wm = merged_weight(W, A, B);
+    y = bias.has_value() ? at::addmm(*bias, x2, Wm.t()) : at::mm(x2, Wm.t());
+  } else {
+    y = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());
+    y.addmm_(at::mm(x2, A.t()), B.t());
+  }
+  return y.view(out_shape(x, m));
+}
+
 std::tuple<Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor& W,
                                            const std::optional<Tensor>& bias, const Tensor& A,
                                            const Tensor& B,
@@ -88,9 +134,16 @@ std::tuple<Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor& W,
   const int64_t n = W.size(1), m = W.size(0);
   const Tensor x2 = x.reshape({-1, n});                                   // (N, n)
   const Tensor xa2 = x_adapter.has_value() ? x_adapter->reshape({-1, n}) : x2;
+  const int64_t N = x2.size(0);
   Tensor U = at::mm(xa2, A.t());                                          // (N, R)
-  Tensor y = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());  // (N, m)
-  y.addmm_(U, B.t());                                                     // beta = 1: into y
+  Tensor y;
+  if (!x_adapter.has_value() && N > 0 && merge_pays(N, n)) {
+    const Tensor Wm = merged_weight(W, A, B);
+    y = bias.has_value() ? at::addmm(*bias, x2, Wm.t()) : at::mm(x2, Wm.t());
+  } else {
+    y = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());  // (N, m)
+    y.addmm_(U, B.t());                                                   // beta = 1: into y
+  }
   return {y.view(out_shape(x, m)), U};
 }
 
@@ -101,12 +154,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
   const int64_t n = W.size(1), m = W.size(0);
   const Tensor gy = grad_y.reshape({-1, m});                              // (N, m)
   const bool separate = x_adapter.has_value();
-  const bool need_gU = need_factors || need_xa || (need_x && !separate);
+  const bool merged = need_x && !separate && gy.size(0) > 0 && merge_pays(gy.size(0), m);
+  const bool need_gU = need_factors || need_xa || (need_x && !separate && !merged);
   Tensor gU = need_gU ? at::mm(gy, B) : Tensor();                         // (N, R)
   Tensor gX, gXa, gA, gB;
   if (need_x) {
-    gX = at::mm(gy, W);                                                   // (N, n)
-    if (!separate) gX.addmm_(gU, A);                                      // adapter share, beta=1
+    if (merged) {
+      gX = at::mm(gy, merged_weight(W, A, B));                            // gY (W + B A)
+    } else {
+      gX = at::mm(gy, W);                                                 // (N, n)
+      if (!separate) gX.addmm_(gU, A);                                    // adapter share, beta=1
+    }
     gX = gX.view(x.sizes());
   }
   if (need_xa && separate) gXa = at::mm(gU, A).view(x.sizes());

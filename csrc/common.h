@@ -50,6 +50,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
     const Tensor& W, const Tensor& A, const Tensor& B, const Tensor& U, bool need_x,
     bool need_xa, bool need_factors);
 
+// Inference core (no U, nothing saved): y = x W^T + bias + (x A^T) B^T, merged as W + B A when
+// that costs fewer bytes (see merge_pays in adapter_core.cpp).
+Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias,
+                      const Tensor& A, const Tensor& B);
+
+// Which path the adapter core takes for y (forward) and gX (backward): 0 = auto (merge W + B A
+// into one GEMM operand when the rows exceed 1.5x the reduced dimension), 1 = always merge,
+// 2 = never (the beta = 1 accumulation of the adapter's share).
+void set_merge_policy(int64_t policy);
+int64_t get_merge_policy();
+
 // Shape and device checks common to both forward ops.
 void check_linear_inputs(const char* op, const Tensor& x, const Tensor& W,
                          const std::optional<Tensor>& bias,

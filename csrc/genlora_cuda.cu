@@ -336,6 +336,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> genlora_linear_op(
   return {y, U, A, B};
 }
 
+Tensor genlora_linear_inference_op(const Tensor& x, const Tensor& W,
+                                   const std::optional<Tensor>& bias, const Tensor& Z_A,
+                                   const Tensor& C_A, const Tensor& g_A, const Tensor& M_A,
+                                   const Tensor& Z_B, const Tensor& C_B, const Tensor& g_B,
+                                   const Tensor& M_B, double scaling) {
+  check_linear_inputs("genlora_linear_inference", x, W, bias, std::nullopt);
+  GenParams p{Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B};
+  check_genlora_params("genlora_linear_inference", x, p, W.size(1), W.size(0));
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto [A, B] = synth(p, scaling, x.scalar_type());
+  return adapter_linear(x, W, bias, A, B);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
 genlora_linear_backward_op(const Tensor& grad_y, const Tensor& x,
                            const std::optional<Tensor>& x_adapter, const Tensor& W,
@@ -363,6 +376,7 @@ genlora_linear_backward_op(const Tensor& grad_y, const Tensor& x,
 TORCH_LIBRARY_IMPL(polykern, CUDA, m) {
   m.impl("genlora_linear", &genlora_linear_op);
   m.impl("genlora_linear_backward", &genlora_linear_backward_op);
+  m.impl("genlora_linear_inference", &genlora_linear_inference_op);
   m.impl("genlora_expand", &genlora_expand_op);
 }
 

@@ -230,6 +230,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pera_linear_op(
   return {y, U, A_hat, B_gen};
 }
 
+Tensor pera_linear_inference_op(const Tensor& x, const Tensor& W,
+                                const std::optional<Tensor>& bias, const Tensor& A,
+                                const Tensor& B, const Tensor& h, const Tensor& pair_i,
+                                const Tensor& pair_j, double scaling) {
+  check_linear_inputs("pera_linear_inference", x, W, bias, std::nullopt);
+  check_pera_params("pera_linear_inference", x, A, B, h, pair_i, pair_j, W.size(1), W.size(0));
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto [A_hat, B_gen] = expand(A, B, h, pair_i, pair_j, scaling, x.scalar_type());
+  return adapter_linear(x, W, bias, A_hat, B_gen);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pera_linear_backward_op(
     const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& x_adapter,
     const Tensor& W, const Tensor& A, const Tensor& B, const Tensor& h, const Tensor& pair_i,
@@ -255,6 +266,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pera_linear_backward_op(
 TORCH_LIBRARY_IMPL(polykern, CUDA, m) {
   m.impl("pera_linear", &pera_linear_op);
   m.impl("pera_linear_backward", &pera_linear_backward_op);
+  m.impl("pera_linear_inference", &pera_linear_inference_op);
   m.impl("pera_expand", &pera_expand_op);
 }
 

@@ -14,6 +14,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 extern "C" {
 // Importing polykern._C runs the static registrations below; the module itself is empty.
 PyObject* PyInit__C(void) {
@@ -43,6 +45,27 @@ TORCH_LIBRARY(polykern, m) {
       "-> (Tensor grad_x, Tensor grad_x_adapter, Tensor grad_Z_A, Tensor grad_C_A, "
       "Tensor grad_g_A, Tensor grad_M_A, Tensor grad_Z_B, Tensor grad_C_B, Tensor grad_g_B, "
       "Tensor grad_M_B)");
+  // Eager training entry points: y only, with a C++ autograd node (csrc/autograd.cpp) whose
+  // backward calls the *_backward op; same arguments as the forward ops.
+  m.def(
+      "pera_linear_eager(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor h, "
+      "Tensor pair_i, Tensor pair_j, float scaling, Tensor? x_adapter) -> Tensor");
+  m.def(
+      "genlora_linear_eager(Tensor x, Tensor weight, Tensor? bias, Tensor Z_A, Tensor C_A, "
+      "Tensor g_A, Tensor M_A, Tensor Z_B, Tensor C_B, Tensor g_B, Tensor M_B, float scaling, "
+      "Tensor? x_adapter) -> Tensor");
+  // Inference (nothing needs a gradient): y only, no U computed or kept; W + B_gen A_gen merged
+  // into one GEMM operand when that costs fewer bytes (common.h).
+  m.def(
+      "pera_linear_inference(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, "
+      "Tensor h, Tensor pair_i, Tensor pair_j, float scaling) -> Tensor");
+  m.def(
+      "genlora_linear_inference(Tensor x, Tensor weight, Tensor? bias, Tensor Z_A, Tensor C_A, "
+      "Tensor g_A, Tensor M_A, Tensor Z_B, Tensor C_B, Tensor g_B, Tensor M_B, float scaling) "
+      "-> Tensor");
+  // Path choice of the adapter core (see common.h): 0 auto, 1 always merge, 2 never merge.
+  m.def("set_merge_policy(int policy) -> ()", &polykern::set_merge_policy);
+  m.def("get_merge_policy() -> int", &polykern::get_merge_policy);
   // The generators alone (merge, delta_weight, tests): A_hat (R, n), scaling * B_hat (m, R).
   m.def(
       "pera_expand(Tensor A, Tensor B, Tensor h, Tensor pair_i, Tensor pair_j, float scaling, "

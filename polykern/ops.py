@@ -10,6 +10,7 @@ generator's chain rule, the gradients of the adapter parameters.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -26,7 +27,8 @@ except ImportError as e:  # no CUDA build: the reference path serves
     _LOAD_ERROR = e
 
 __all__ = ["cuda_available", "extension_loaded", "pera_linear", "genlora_linear",
-           "pera_expand", "genlora_expand"]
+           "pera_expand", "genlora_expand", "set_merge_policy", "get_merge_policy",
+           "merge_policy"]
 
 
 def extension_loaded() -> bool:
@@ -97,6 +99,19 @@ if extension_loaded():
                 _empty_like_or_none(x, gxa and x_adapter is not None),
                 *(_empty_like_or_none(p, gp) for p in (Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B)))
 
+    def _fake_inference(x, weight):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake("polykern::pera_linear_inference")
+    def _(x, weight, bias, A, B, h, pair_i, pair_j, scaling):
+        torch._check(x.shape[-1] == A.shape[1], lambda: "x and lora_A disagree on in_features")
+        return _fake_inference(x, weight)
+
+    @torch.library.register_fake("polykern::genlora_linear_inference")
+    def _(x, weight, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling):
+        torch._check(x.shape[-1] == Z_A.shape[0], lambda: "x and the A latent disagree on in")
+        return _fake_inference(x, weight)
+
     @torch.library.register_fake("polykern::pera_expand")
     def _(A, B, h, pair_i, pair_j, scaling, dtype):
         R = A.shape[0] + h.shape[0]
@@ -117,14 +132,13 @@ if extension_loaded():
         gb = g2.sum(0) if ctx.needs_input_grad[2] else None
         return gW, gb
 
-    def _setup(ctx, inputs, output, n_params, scaling_idx, outputs_are_returned=True):
+    def _setup(ctx, inputs, output, n_params, scaling_idx):
         x, weight, bias = inputs[:3]
         params = inputs[3:3 + n_params]
         x_adapter = inputs[-1]
         _, U, A_gen, B_gen = output
-        if outputs_are_returned:
-            # U and the generated factors are kept for the backward, not to be differentiated
-            ctx.mark_non_differentiable(U, A_gen, B_gen)
+        # U and the generated factors are kept for the backward, not to be differentiated
+        ctx.mark_non_differentiable(U, A_gen, B_gen)
         ctx.scaling = inputs[scaling_idx]
         ctx.save_for_backward(x, x_adapter, weight, U, A_gen, B_gen, *params)
 
@@ -165,54 +179,74 @@ if extension_loaded():
     torch.library.register_autograd("polykern::genlora_linear", _genlora_backward,
                                     setup_context=_genlora_setup)
 
-    # Eager fast path. The registered autograd above is what torch.compile, opcheck and
-    # torch.ops callers use; in eager mode the modules go through these autograd.Functions
-    # instead, which call the same forward op below the autograd key and the same backward.
-    # Measured on a 2-core host (a CPU stand-in op): custom op + register_autograd costs about
-    # 130 us of Python per forward+backward, an autograd.Function about 35 us; below N = 8192
-    # host time is most of the adapter's cost (csrc/README.md).
-    class _EagerFunction(torch.autograd.Function):
-        op = None
-        n_params = scaling_idx = 0
-        backward_fn = None
 
-        @classmethod
-        def forward(cls, ctx, *inputs):
-            with torch._C._AutoDispatchBelowAutograd():
-                out = cls.op(*inputs)
-            _setup(ctx, inputs, out, cls.n_params, cls.scaling_idx, outputs_are_returned=False)
-            return out[0]
-
-        @classmethod
-        def backward(cls, ctx, grad_y):
-            return cls.backward_fn(ctx, grad_y, None, None, None)
-
-    class _PeraEager(_EagerFunction):
-        op = torch.ops.polykern.pera_linear.default
-        n_params, scaling_idx = 5, 8
-        backward_fn = staticmethod(_pera_backward)
-
-    class _GenLoraEager(_EagerFunction):
-        op = torch.ops.polykern.genlora_linear.default
-        n_params, scaling_idx = 8, 11
-        backward_fn = staticmethod(_genlora_backward)
-
-
+# Eager fast path. The registered autograd above is what torch.compile, opcheck, torch.func and
+# direct torch.ops callers use; in plain eager mode the modules call ``*_linear_eager`` instead,
+# which records one C++ autograd node (csrc/autograd.cpp) around the same forward and backward
+# ops, and under no_grad ``*_linear_inference``, which computes y alone. On the H100 machine's
+# host every ATen call costs about 25 us and a Python autograd.Function step as much again
+# (bench/host_overhead.py); below N = 8192 that host time is most of the adapter's cost.
 def _eager() -> bool:
-    """Plain eager autograd: not tracing for torch.compile, no torch.func transform active
-    (the autograd.Functions above define no setup_context/vmap rules; the registered op does)."""
+    """Plain eager autograd: not tracing for torch.compile, no torch.func transform active."""
     return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
 
 
 # ------------------------------------------------------------------------------------------------
 # Entry points used by the modules (same signatures as the reference functions).
 # ------------------------------------------------------------------------------------------------
+_POLICIES = {"auto": 0, "always": 1, "never": 2}
+
+
+def set_merge_policy(policy: str) -> None:
+    """How the CUDA adapter core adds the adapter's share to y (forward) and gX (backward):
+    ``"auto"`` (default) merges ``W + s B_hat A_hat`` into one GEMM operand when the rows N exceed
+    1.5x the reduced dimension (fewer bytes than a second pass over the activation), ``"always"``
+    merges, ``"never"`` accumulates ``U B_hat^T`` into y with beta = 1. Process-wide; both give
+    the same result up to rounding (see csrc/README.md)."""
+    if policy not in _POLICIES:
+        raise ValueError(f"unknown merge policy {policy!r}: expected one of {tuple(_POLICIES)}")
+    if not extension_loaded():
+        raise RuntimeError("polykern: the CUDA extension is not loaded; the merge policy only "
+                           "applies to the CUDA ops")
+    torch.ops.polykern.set_merge_policy(_POLICIES[policy])
+
+
+def get_merge_policy() -> str:
+    """The current merge policy (see :func:`set_merge_policy`)."""
+    if not extension_loaded():
+        return "auto"
+    code = torch.ops.polykern.get_merge_policy()
+    return next(k for k, v in _POLICIES.items() if v == code)
+
+
+@contextlib.contextmanager
+def merge_policy(policy: str):
+    """Context manager form of :func:`set_merge_policy` (restores the previous policy)."""
+    old = get_merge_policy()
+    set_merge_policy(policy)
+    try:
+        yield
+    finally:
+        set_merge_policy(old)
+
+
+def _no_grad_needed(*tensors) -> bool:
+    """Nothing asks for a gradient: inference, where U need not be computed nor kept."""
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t is not None and t.requires_grad for t in tensors)
+
+
 def pera_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, h: Tensor,
                 scaling: float, terms: str, x_adapter: Optional[Tensor] = None) -> Tensor:
     """CUDA PERA-adapted linear; same contract as ``reference.pera_linear``."""
     pair_i, pair_j = reference.pera_pairs(A.shape[0], terms, A.device)
     if _eager():
-        return _PeraEager.apply(x, W, bias, A, B, h, pair_i, pair_j, float(scaling), x_adapter)
+        if x_adapter is None and _no_grad_needed(x, W, bias, A, B, h):
+            return torch.ops.polykern.pera_linear_inference.default(
+                x, W, bias, A, B, h, pair_i, pair_j, float(scaling))
+        return torch.ops.polykern.pera_linear_eager.default(x, W, bias, A, B, h, pair_i, pair_j,
+                                                            float(scaling), x_adapter)
     return torch.ops.polykern.pera_linear(x, W, bias, A, B, h, pair_i, pair_j, float(scaling),
                                           x_adapter)[0]
 
@@ -222,8 +256,12 @@ def genlora_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], Z_A: Tensor, C_
                    scaling: float, x_adapter: Optional[Tensor] = None) -> Tensor:
     """CUDA GenLoRA-adapted linear; same contract as ``reference.genlora_linear``."""
     if _eager():
-        return _GenLoraEager.apply(x, W, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B,
-                                   float(scaling), x_adapter)
+        if x_adapter is None and _no_grad_needed(x, W, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B,
+                                                 M_B):
+            return torch.ops.polykern.genlora_linear_inference.default(
+                x, W, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, float(scaling))
+        return torch.ops.polykern.genlora_linear_eager.default(
+            x, W, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, float(scaling), x_adapter)
     return torch.ops.polykern.genlora_linear(x, W, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B,
                                              float(scaling), x_adapter)[0]
 

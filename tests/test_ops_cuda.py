@@ -61,6 +61,19 @@ def run(layer, x, dtype, adapter_dtype, use_ops):
     return [y] + list(grads)
 
 
+def run_forward(layer, x, dtype, adapter_dtype, use_ops):
+    """The output alone (no autograd), as ``run`` computes it."""
+    W = layer.weight.detach().to(dtype)
+    b = None if layer.bias is None else layer.bias.detach().to(dtype)
+    params = [p.detach().to(adapter_dtype) for p in layer.adapter_parameters()]
+    xin = x.detach().to(dtype)
+    if isinstance(layer, PeraLinear):
+        fn = ops.pera_linear if use_ops else ref.pera_linear
+        return fn(xin, W, b, *params, layer.scaling, layer.terms)
+    fn = ops.genlora_linear if use_ops else ref.genlora_linear
+    return fn(xin, W, b, *params, layer.scaling)
+
+
 CASES = [("pera", {"terms": t}, r) for t in ("full", "square", "cross") for r in (1, 4, 9)] + \
         [("pera", {"terms": "full"}, 64), ("pera", {"terms": "none"}, 5),
          ("genlora", {"num_rbf": 7, "latent_dim": 1}, 5),
@@ -88,6 +101,89 @@ def test_kernel_vs_reference(kind, cfg, r, dtype, adapter_dtype, layout):
         assert f.dtype == s.dtype and f.shape == s.shape, name
         assert torch.isfinite(f).all(), f"{name}: non-finite values (unwritten output?)"
         assert_within_ref_error(f, s, e, what=f"{kind} {cfg} r={r} {dtype}/{adapter_dtype} {name}")
+
+
+MERGE_CASES = [("pera", {"terms": "full"}, 9), ("pera", {"terms": "square"}, 64),
+               ("genlora", {"num_rbf": 32, "latent_dim": 3}, 16)]
+
+
+@pytest.mark.parametrize("kind,cfg,r", MERGE_CASES)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(d, d) for d in LOW] +
+                         [(torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("policy", ["always", "never"])
+@pytest.mark.parametrize("layout", ["3d", "strided"])
+def test_merge_policies_vs_reference(kind, cfg, r, dtype, adapter_dtype, policy, layout):
+    """Both adapter-core paths (W + B A merged into one GEMM operand, or the beta = 1
+    accumulation), forward and every gradient, within 2x the same-dtype reference's error; the
+    merged path rounds W + B A to the compute dtype once. The automatic choice is covered by the
+    tests above (small N: unmerged) and by the benchmark shapes (N >= 1.5 in: merged)."""
+    n, m = 37, 53
+    layer = random_layer(kind, n, m, r, torch.float64, bias=(layout == "3d"), **cfg)
+    x = torch.randn(3, 5, n, device=DEV, dtype=torch.float64)
+    if layout == "strided":
+        x = strided(torch.randn(70, n, device=DEV, dtype=torch.float64))
+    with ops.merge_policy(policy):
+        fast = run(layer, x, dtype, adapter_dtype, use_ops=True)
+    same = run(layer, x, dtype, adapter_dtype, use_ops=False)
+    exact = run(layer, x.to(dtype).double(), torch.float64, torch.float64, use_ops=False)
+    names = ["y", "x"] + list(layer.adapter_parameter_names)
+    for name, f, s, e in zip(names, fast, same, exact):
+        assert torch.isfinite(f).all(), f"{name}: non-finite values (unwritten output?)"
+        assert_within_ref_error(f, s, e, what=f"{policy} {kind} r={r} {dtype} {name}")
+
+
+@pytest.mark.parametrize("kind,cfg,r", MERGE_CASES)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(d, d) for d in LOW] +
+                         [(torch.float16, torch.float32)])
+@pytest.mark.parametrize("policy", ["always", "never", "auto"])
+def test_inference_path_vs_reference(kind, cfg, r, dtype, adapter_dtype, policy):
+    """Under no_grad the layer runs the inference op (no U computed or kept): same output as the
+    training op and within 2x the same-dtype reference's error; 3-D and strided inputs."""
+    n, m = 37, 53
+    layer = random_layer(kind, n, m, r, torch.float64, **cfg)
+    for x in (torch.randn(2, 41, n, device=DEV, dtype=torch.float64),
+              strided(torch.randn(67, n, device=DEV, dtype=torch.float64))):
+        with ops.merge_policy(policy), torch.no_grad():
+            fast = run_forward(layer, x, dtype, adapter_dtype, use_ops=True)
+        same = run_forward(layer, x, dtype, adapter_dtype, use_ops=False)
+        exact = run_forward(layer, x.to(dtype).double(), torch.float64, torch.float64, False)
+        assert fast.shape == same.shape and fast.dtype == same.dtype
+        assert torch.isfinite(fast).all()
+        assert_within_ref_error(fast, same, exact, what=f"{policy} {kind} {dtype}")
+
+
+def test_merge_policy_api():
+    assert ops.get_merge_policy() == "auto"
+    with ops.merge_policy("never"):
+        assert ops.get_merge_policy() == "never"
+        with ops.merge_policy("always"):
+            assert ops.get_merge_policy() == "always"
+        assert ops.get_merge_policy() == "never"
+    assert ops.get_merge_policy() == "auto"
+    with pytest.raises(ValueError, match="unknown merge policy 'sometimes'"):
+        ops.set_merge_policy("sometimes")
+    with pytest.raises(RuntimeError, match="merge policy must be 0"):
+        torch.ops.polykern.set_merge_policy(7)
+
+
+def test_inference_op_bad_inputs():
+    layer = random_layer("pera", 37, 53, 4, torch.float64).to(torch.bfloat16)
+    pi, pj = ref.pera_pairs(4, "full", DEV)
+    x = torch.randn(3, 37, device=DEV, dtype=torch.bfloat16)
+    A, B, h = (p.detach() for p in layer.adapter_parameters())
+    op = torch.ops.polykern.pera_linear_inference
+    with pytest.raises(RuntimeError, match="last dimension 36"):
+        op(x[:, :36], layer.weight, None, A, B, h, pi, pj, 1.0)
+    with pytest.raises(RuntimeError, match="lora_B must have shape"):
+        op(x, layer.weight, None, A, B[:, :3], h, pi, pj, 1.0)
+    with pytest.raises(RuntimeError, match="must have the same dtype"):
+        op(x.half(), layer.weight, None, A, B, h, pi, pj, 1.0)
+    g = random_layer("genlora", 37, 53, 4, torch.float64).float()
+    p = [t.detach() for t in g.adapter_parameters()]
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        torch.ops.polykern.genlora_linear_inference(x.float(), g.weight, None, p[0].cpu(),
+                                                    *p[1:], 1.0)
+    torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("kind,cfg", [("pera", {"terms": "full"}), ("pera", {"terms": "cross"}),
@@ -132,6 +228,49 @@ def test_frozen_input_and_frozen_h(kind):
         assert layer.pera_h.grad is None and layer.lora_A.grad is not None
     with torch.no_grad():
         assert layer(x).shape == (9, 53)
+
+
+@pytest.mark.parametrize("kind", ["pera", "genlora"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+@pytest.mark.parametrize("trainable", ["x", "weight", "bias", "first_param", "last_param", "all"])
+def test_eager_node_gradients_for_each_requires_grad_pattern(kind, bias, dropout, trainable):
+    """The C++ autograd node maps each gradient to its input whichever inputs require grad
+    (absent bias / no dropout shift the edges), including an unfrozen base weight and bias;
+    float64 against the reference with the same dropout mask."""
+    layer = random_layer(kind, 11, 13, 3, torch.float64, bias=bias)
+    x0 = torch.randn(2, 5, 11, device=DEV, dtype=torch.float64)
+    names = list(layer.adapter_parameter_names)
+
+    def grads(use_ops):
+        x = x0.clone()
+        W = layer.weight.detach().clone()
+        b = None if layer.bias is None else layer.bias.detach().clone()
+        params = [p.detach().clone() for p in layer.adapter_parameters()]
+        leaves = {"x": x, "weight": W, "bias": b, "first_param": params[0],
+                  "last_param": params[-1]}
+        want = [t for k, t in leaves.items() if (trainable in (k, "all")) and t is not None]
+        if trainable == "all":
+            want += params[1:-1]
+        for t in want:
+            t.requires_grad_(True)
+        if not want:
+            pytest.skip("no bias to train")
+        torch.manual_seed(5)
+        xa = torch.nn.functional.dropout(x, dropout, True) if dropout else None
+        if kind == "pera":
+            fn = ops.pera_linear if use_ops else ref.pera_linear
+            y = fn(x, W, b, *params, layer.scaling, layer.terms, xa)
+        else:
+            fn = ops.genlora_linear if use_ops else ref.genlora_linear
+            y = fn(x, W, b, *params, layer.scaling, xa)
+        gy = torch.randn(y.shape, generator=torch.Generator(DEV).manual_seed(1), device=DEV,
+                         dtype=y.dtype)
+        return torch.autograd.grad(y, want, gy)
+    got, exp = grads(True), grads(False)
+    assert len(got) == len(exp) > 0
+    for g, e in zip(got, exp):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10, msg=f"{names} {trainable}")
 
 
 def test_dropout_mask_matches_reference():
