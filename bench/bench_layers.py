@@ -4,8 +4,10 @@ requiring grad, as a ratio to a frozen nn.Linear of the same shape measured in t
 Implementations (``impl``): polykern (the CUDA ops), authors (the authors' formulation), naive (the
 reference: same math, cached gather indices), compiled_naive (torch.compile of naive), lora_eager
 (plain LoRA r=16 in PyTorch), peft_lora / peft_lora_fp32 (peft's LoRA layer with bf16 / its default
-fp32 adapters), frozen_linear, merged (a merged layer). Median of many CUDA-event-timed runs after
-warm-up; adapter parameters random (never zeros).
+fp32 adapters), frozen_linear, merged (a merged layer). Each implementation's runs alternate with
+the frozen layer's; ``ratio`` is the median of the per-pair ratios (``time_pair``), ``ms`` the
+median time; ``*_stream`` the same for 10 steps back to back. Adapter parameters random (never
+zeros).
 
     python bench/bench_layers.py --json bench/results/h100.json --plot bench/results/ratio_vs_N.png
 """
@@ -31,24 +33,34 @@ DT = torch.bfloat16
 STREAM = 10  # steps per timed run for the back-to-back (throughput) columns
 
 
-def time_fn(fn, reps=30, warmup=5, batch=1):
-    """Median ms of ``fn()`` over ``reps`` CUDA-event-timed runs after ``warmup`` runs. With
-    ``batch`` = 1 each run is one synchronised call (latency: the host's launch path is exposed
-    whenever it is slower than the GPU); with ``batch`` > 1 a run is ``batch`` calls back to back,
-    divided by ``batch`` (throughput, as in a training loop where the host runs ahead)."""
+def _timed(fn, batch):
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(batch):
+        fn()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / batch
+
+
+def time_pair(base_fn, fn, reps=30, warmup=5, batch=1):
+    """(median ms of base_fn, median ms of fn, median of the per-pair ratios fn / base_fn): the
+    two alternate, each run CUDA-event-timed after ``warmup`` runs of both, so that clock and
+    host drift during the run moves both sides of a ratio alike. With ``batch`` = 1 a run is one
+    synchronised call (latency: the host's launch path is exposed whenever it is slower than the
+    GPU); with ``batch`` > 1 it is ``batch`` calls back to back, divided by ``batch``
+    (throughput, as in a training loop where the host runs ahead of the GPU)."""
     for _ in range(warmup):
+        base_fn()
         fn()
     torch.cuda.synchronize()
-    times = []
+    tb, tf, ratios = [], [], []
     for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(batch):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / batch)
-    return statistics.median(times)
+        b = _timed(base_fn, batch)
+        f = _timed(fn, batch)
+        tb.append(b), tf.append(f), ratios.append(f / b)
+    med = statistics.median
+    return med(tb), med(tf), med(ratios)
 
 
 @torch.no_grad()
@@ -136,19 +148,22 @@ def bench_case(op, r, K, N, n, m, terms, modes, impl_filter=None, with_compile=F
     gy = torch.randn(N, m, device=DEV, dtype=DT)
     rows = []
     for mode in modes:
-        base = impls["frozen_linear"][0]
-        base_ms = time_fn(step_fn(base, x, gy, [], mode), reps)
-        base_tp = time_fn(step_fn(base, x, gy, [], mode), reps, batch=STREAM)
+        base_fn = step_fn(impls["frozen_linear"][0], x, gy, [], mode)
+        base_ms = time_pair(base_fn, base_fn, reps)[0]
+        base_tp = time_pair(base_fn, base_fn, reps, batch=STREAM)[0]
         for name, (fwd, params) in impls.items():
             if impl_filter and name not in impl_filter and name != "frozen_linear":
                 continue
-            fn = step_fn(fwd, x, gy, params, mode)
-            ms = base_ms if name == "frozen_linear" else time_fn(fn, reps)
-            tp = base_tp if name == "frozen_linear" else time_fn(fn, reps, batch=STREAM)
+            if name == "frozen_linear":
+                ms, ratio, tp, ratio_tp = base_ms, 1.0, base_tp, 1.0
+            else:
+                fn = step_fn(fwd, x, gy, params, mode)
+                _, ms, ratio = time_pair(base_fn, fn, reps)
+                _, tp, ratio_tp = time_pair(base_fn, fn, reps, batch=STREAM)
             row = {"op": op, "terms": terms if op == "pera" else None, "r": r, "N": N, "in": n,
                    "out": m, "dtype": "bfloat16", "mode": mode, "impl": name,
-                   "ms": round(ms, 4), "ratio": round(ms / base_ms, 3),
-                   "ms_stream": round(tp, 4), "ratio_stream": round(tp / base_tp, 3)}
+                   "ms": round(ms, 4), "ratio": round(ratio, 3),
+                   "ms_stream": round(tp, 4), "ratio_stream": round(ratio_tp, 3)}
             if op == "genlora":
                 row["K"] = K
             rows.append(row)

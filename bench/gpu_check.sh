@@ -3,6 +3,8 @@
 # compute-sanitizer on a small case, and the layer benchmarks. Results go under $OUT.
 #   bash bench/gpu_check.sh            (OUT defaults to ./gpu_out)
 #   GPU_CHECK_QUICK=1 bash bench/gpu_check.sh   (one benchmark case only)
+#   GPU_CHECK_PART=tests|bench bash bench/gpu_check.sh   (build, then only that half: the whole
+#   script takes longer than one 10-minute device call, so it is run as two calls)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_out}"
@@ -18,6 +20,9 @@ if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.lo
 fi
 echo "build: $(( $(date +%s) - t0 )) s"
 
+PART="${GPU_CHECK_PART:-all}"
+tests_rc=0
+if [ "$PART" != bench ]; then
 t0=$(date +%s)
 python3 -m pytest -q -x tests -p no:cacheprovider > "$OUT/tests.log" 2>&1
 tests_rc=$?
@@ -37,6 +42,9 @@ t0=$(date +%s)
 cat "$OUT/sanitizer.log"
 echo "sanitizer: $(( $(date +%s) - t0 )) s"
 
+fi
+
+if [ "$PART" != tests ]; then
 python3 bench/host_overhead.py --json "$OUT/host_overhead.json" > "$OUT/host_overhead.txt" 2>&1
 grep -E "fwd\+bwd|no_grad" "$OUT/host_overhead.txt"
 python3 bench/profile_step.py > "$OUT/profile.txt" 2>&1
@@ -46,4 +54,5 @@ python3 bench/bench_layers.py $quick --json "$OUT/h100.json" --plot "$OUT/ratio_
   > "$OUT/bench.txt" 2>&1
 echo "bench rc=$?"
 sed -n '/all rows:/,$p' "$OUT/bench.txt" | grep -v -E "sweep|peak" | head -60
+fi
 exit $tests_rc

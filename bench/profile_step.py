@@ -15,25 +15,42 @@ def main():
     ap.add_argument("--dim", type=int, default=4096)
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
-    for name, cls, cfg in (("PERA full r=16", polykern.PeraLinear, {"r": 16}),
+    for name, cls, cfg in (("frozen nn.Linear", None, {}),
+                           ("PERA full r=16", polykern.PeraLinear, {"r": 16}),
                            ("GenLoRA r=16 K=32", polykern.GenLoraLinear, {"r": 16})):
         base = nn.Linear(args.dim, args.dim, bias=False, device=dev, dtype=dt)
-        layer = cls.from_linear(base, **cfg)
+        base.requires_grad_(False)
+        layer = base if cls is None else cls.from_linear(base, **cfg)
+        adapter = [] if cls is None else layer.adapter_parameters()
         with torch.no_grad():
-            for p in layer.adapter_parameters():
+            for p in adapter:
                 p.add_(torch.randn_like(p) * 0.02)
         x = torch.randn(args.N, args.dim, device=dev, dtype=dt, requires_grad=True)
         gy = torch.randn(args.N, args.dim, device=dev, dtype=dt)
-        for _ in range(5):
+        params = [x] + adapter
+
+        def step():
+            for t in params:  # as bench_layers.py does: no gradient-accumulation kernels
+                t.grad = None
             layer(x).backward(gy)
+        for _ in range(5):
+            step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
-                layer(x).backward(gy)
+                step()
             torch.cuda.synchronize()
-        print(f"== {name}, N={args.N}, {args.dim}x{args.dim} bf16, 10 steps")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
-                                        max_name_column_width=60))
+        print(f"== {name}, N={args.N}, {args.dim}x{args.dim} bf16: GPU kernels, per step")
+        cuda = torch.autograd.DeviceType.CUDA
+        kernels = [e for e in prof.key_averages() if getattr(e, "device_type", None) == cuda]
+        total = 0.0
+        for e in sorted(kernels, key=lambda e: -e.device_time_total):
+            us = e.device_time_total / 10
+            total += us
+            print(f"  {us:8.1f} us  {e.count / 10:4.1f} launch(es)  {e.key[:100]}")
+        print(f"  {total:8.1f} us  total GPU time per step")
+        if not kernels:  # an older profiler without device_type on the averages
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
 
 
 if __name__ == "__main__":

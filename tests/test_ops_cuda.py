@@ -112,12 +112,14 @@ MERGE_CASES = [("pera", {"terms": "full"}, 9), ("pera", {"terms": "square"}, 64)
                          [(torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("policy", ["always", "never"])
 @pytest.mark.parametrize("layout", ["3d", "strided"])
-def test_merge_policies_vs_reference(kind, cfg, r, dtype, adapter_dtype, policy, layout):
+@pytest.mark.parametrize("n,m", [(37, 53), (64, 136)])
+def test_merge_policies_vs_reference(kind, cfg, r, dtype, adapter_dtype, policy, layout, n, m):
     """Both adapter-core paths (W + B A merged into one GEMM operand, or the beta = 1
     accumulation), forward and every gradient, within 2x the same-dtype reference's error; the
-    merged path rounds W + B A to the compute dtype once. The automatic choice is covered by the
-    tests above (small N: unmerged) and by the benchmark shapes (N >= 1.5 in: merged)."""
-    n, m = 37, 53
+    merged path rounds W + B A to the compute dtype once. (64, 136) with R a multiple of 8 takes
+    the merge kernel's vector path (partial tiles in both directions), (37, 53) its scalar
+    path. The automatic choice is covered by the tests above (small N: unmerged) and by the
+    benchmark shapes (N >= 1.5 in: merged)."""
     layer = random_layer(kind, n, m, r, torch.float64, bias=(layout == "3d"), **cfg)
     x = torch.randn(3, 5, n, device=DEV, dtype=torch.float64)
     if layout == "strided":
