@@ -115,20 +115,25 @@ static Tensor merged_weight(const Tensor& W, const Tensor& A, const Tensor& B) {
   return at::addmm(W, B, A);
 }
 
+// y = x2 W^T + bias + U B^T for x2 (N, n): on W + B A when merging pays (and may_merge), else
+// with the adapter's share added into y (beta = 1); U = x2 A^T is computed here if not given.
+static Tensor base_plus_adapter(const Tensor& x2, const Tensor& W,
+                                const std::optional<Tensor>& bias, const Tensor& A,
+                                const Tensor& B, const Tensor& U, bool may_merge) {
+  const int64_t N = x2.size(0), n = W.size(1);
+  if (may_merge && N > 0 && merge_pays(N, n)) {
+    const Tensor Wm = merged_weight(W, A, B);
+    return bias.has_value() ? at::addmm(*bias, x2, Wm.t()) : at::mm(x2, Wm.t());
+  }
+  Tensor y = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());  // (N, m)
+  y.addmm_(U.defined() ? U : at::mm(x2, A.t()), B.t());                  // beta = 1: into y
+  return y;
+}
+
 Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias,
                       const Tensor& A, const Tensor& B) {
-  const int64_t n = W.size(1), m = W.size(0);
-  const Tensor x2 = x.reshape({-1, n});
-  const int64_t N = x2.size(0);
-  Tensor y;
-  if (N > 0 && merge_pays(N, n)) {
-    const Tensor Wm = merged_weight(W, A, B);
-    y = bias.has_value() ? at::addmm(*bias, x2, Wm.t()) : at::mm(x2, Wm.t());
-  } else {
-    y = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());
-    y.addmm_(at::mm(x2, A.t()), B.t());
-  }
-  return y.view(out_shape(x, m));
+  const Tensor x2 = x.reshape({-1, W.size(1)});
+  return base_plus_adapter(x2, W, bias, A, B, Tensor(), true).view(out_shape(x, W.size(0)));
 }
 
 std::tuple<Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor& W,
@@ -138,16 +143,9 @@ std::tuple<Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor& W,
   const int64_t n = W.size(1), m = W.size(0);
   const Tensor x2 = x.reshape({-1, n});                                   // (N, n)
   const Tensor xa2 = x_adapter.has_value() ? x_adapter->reshape({-1, n}) : x2;
-  const int64_t N = x2.size(0);
   Tensor U = at::mm(xa2, A.t());                                          // (N, R)
-  Tensor y;
-  if (!x_adapter.has_value() && N > 0 && merge_pays(N, n)) {
-    const Tensor Wm = merged_weight(W, A, B);
-    y = bias.has_value() ? at::addmm(*bias, x2, Wm.t()) : at::mm(x2, Wm.t());
-  } else {
-    y = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());  // (N, m)
-    y.addmm_(U, B.t());                                                   // beta = 1: into y
-  }
+  // with dropout the adapter's input differs from x: no merged operand exists
+  Tensor y = base_plus_adapter(x2, W, bias, A, B, U, !x_adapter.has_value());
   return {y.view(out_shape(x, m)), U};
 }
 

@@ -6,6 +6,12 @@ host: ``pera_linear`` / ``genlora_linear`` return ``(y, U, A, B)`` where ``U = x
 the generated factors ``A (R, in)`` and ``B (out, R)`` (scaling folded into B, compute dtype) are
 kept for the backward; ``*_linear_backward`` returns the input gradients and, through the
 generator's chain rule, the gradients of the adapter parameters.
+
+The entry points below pick one of three ops per call: ``*_linear_eager`` in plain eager autograd
+(one C++ autograd node, ``csrc/autograd.cpp``), ``*_linear_inference`` when nothing needs a
+gradient (y alone), and ``*_linear`` with the autograd formula registered here under
+``torch.compile`` and ``torch.func``. ``set_merge_policy`` chooses how the adapter core adds the
+adapter's share (``csrc/README.md``).
 """
 
 from __future__ import annotations
