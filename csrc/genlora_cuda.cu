@@ -5,7 +5,7 @@
 // t < L (L = n for A, m for B), k < K, d latent dims. Both factors are "out[i, t] = scale *
 // sum_k M[i, k] Phi[t, k]" with strides: A (r, n) = M_A Phi_A^T; B (m, r): B[t, i] = s * sum_k
 // Phi_B[t, k] M_B[k, i], i.e. M = M_B^T. A job describes one generator; blocks [0, nbA) run A's
-// job and the rest B's, each on a tile of kTile coordinates t, Phi's tile in shared memory.
+// job and the rest B's, each on a tile of coordinates t, Phi's tile in shared memory.
 //
 // Backward (SPEC-GENLORA.md): with G[i, t] = dL/dout[i, t] * scale,
 //   gM[i, k] = sum_t G[i, t] Phi[t, k];  E[t, k] = Phi[t, k] sum_i G[i, t] M[i, k];
@@ -52,28 +52,31 @@ struct Job {
 
 // Tile sizes keep the shared memory of each kernel under the 48 KB static limit.
 template <typename Wt> struct Tiles;
-template <> struct Tiles<float> { static constexpr int fwd = 32, bwd = 8; };
-template <> struct Tiles<double> { static constexpr int fwd = 8, bwd = 4; };
+template <> struct Tiles<float> { static constexpr int fwd = 32; };
+template <> struct Tiles<double> { static constexpr int fwd = 8; };
+constexpr int kMaxBwdTile = 32;
+constexpr int64_t kSmemBudget = 48 * 1024;  // no opt-in needed below this
 
-template <typename P, typename Wt, int kTile>
+// Loads gamma, the centres and this tile's latent coordinates, then Phi for the tile:
+// z[t * kMaxD + c], phi[t * ldp + k] for t < tile.
+template <typename P, typename Wt>
 __device__ __forceinline__ void load_tile(const Job<P, Wt>& job, int K, int d, int64_t t0,
-                                          Wt* gam, Wt* Cs, Wt (*z)[kMaxD],
-                                          Wt (*phi)[kMaxK + 1]) {
+                                          int tile, Wt* gam, Wt* Cs, Wt* z, Wt* phi, int ldp) {
   for (int k = threadIdx.x; k < K; k += blockDim.x) gam[k] = exp(static_cast<Wt>(job.g[k]));
   for (int e = threadIdx.x; e < K * d; e += blockDim.x) Cs[e] = static_cast<Wt>(job.C[e]);
-  for (int e = threadIdx.x; e < kTile * d; e += blockDim.x) {
+  for (int e = threadIdx.x; e < tile * d; e += blockDim.x) {
     const int t = e / d, c = e - t * d;
-    z[t][c] = (t0 + t < job.L) ? static_cast<Wt>(job.Z[(t0 + t) * d + c]) : Wt(0);
+    z[t * kMaxD + c] = (t0 + t < job.L) ? static_cast<Wt>(job.Z[(t0 + t) * d + c]) : Wt(0);
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < kTile * K; e += blockDim.x) {
+  for (int e = threadIdx.x; e < tile * K; e += blockDim.x) {
     const int t = e / K, k = e - t * K;
     Wt s = 0;
     for (int c = 0; c < d; ++c) {
-      const Wt diff = z[t][c] - Cs[k * d + c];
+      const Wt diff = z[t * kMaxD + c] - Cs[k * d + c];
       s += diff * diff;
     }
-    phi[t][k] = exp(-gam[k] * s);
+    phi[t * ldp + k] = exp(-gam[k] * s);
   }
   __syncthreads();
 }
@@ -88,7 +91,7 @@ genlora_synth_kernel(Job<P, Wt> ja, Job<P, Wt> jb, T* __restrict__ outA, T* __re
   const Job<P, Wt>& job = is_a ? ja : jb;
   T* out = is_a ? outA : outB;
   const int64_t t0 = (is_a ? blockIdx.x : blockIdx.x - ja.nblocks) * (int64_t)kTile;
-  load_tile<P, Wt, kTile>(job, K, d, t0, gam, Cs, z, phi);
+  load_tile<P, Wt>(job, K, d, t0, kTile, gam, Cs, &z[0][0], &phi[0][0], kMaxK + 1);
   for (int e = threadIdx.x; e < r * kTile; e += blockDim.x) {
     const int i = e / kTile, t = e - i * kTile;  // t fastest: coalesced writes of A
     if (t0 + t >= job.L) continue;
@@ -99,62 +102,79 @@ genlora_synth_kernel(Job<P, Wt> ja, Job<P, Wt> jb, T* __restrict__ outA, T* __re
   }
 }
 
+// Shared memory of the backward kernel for a tile of `tile` coordinates, in work-dtype elements:
+// gamma (K), centres (K d), z (tile x kMaxD), Phi and E (tile x (K + 1) each), G (r x tile).
+inline int64_t backward_smem_elems(int64_t tile, int64_t r, int64_t K, int64_t d) {
+  return K + K * d + tile * kMaxD + 2 * tile * (K + 1) + r * tile;
+}
+
+// Version 2 (2026-11-24): the tile is chosen on the host, as large as 48 KB of dynamic shared
+// memory allows (up to 32 coordinates), instead of 8 fixed by the largest K and r. ncu on
+// version 1 at n = m = 4096, r = 16, K = 32: 1024 blocks of 8 coordinates, latency-bound
+// (30% of stalls at barriers) with 590 K atomic adds, 41 us a step where the work is a few us.
 template <typename P, typename Wt, typename T>
 __global__ void __launch_bounds__(kNThreads)
 genlora_synth_backward_kernel(Job<P, Wt> ja, Job<P, Wt> jb, const T* __restrict__ gA,
-                              const T* __restrict__ gB, int r, int K, int d) {
-  constexpr int kTile = Tiles<Wt>::bwd;
-  __shared__ Wt gam[kMaxK], Cs[kMaxK * kMaxD], z[kTile][kMaxD], phi[kTile][kMaxK + 1];
-  __shared__ Wt E[kTile][kMaxK + 1], G[kMaxR][kTile];
+                              const T* __restrict__ gB, int r, int K, int d, int tile) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int ldp = K + 1;
+  Wt* gam = reinterpret_cast<Wt*>(smem_raw);
+  Wt* Cs = gam + K;
+  Wt* z = Cs + K * d;           // [tile][kMaxD]
+  Wt* phi = z + tile * kMaxD;   // [tile][ldp]
+  Wt* E = phi + tile * ldp;     // [tile][ldp]
+  Wt* G = E + tile * ldp;       // [r][tile]
   const bool is_a = blockIdx.x < ja.nblocks;
   const Job<P, Wt>& job = is_a ? ja : jb;
   const T* gout = is_a ? gA : gB;
-  const int64_t t0 = (is_a ? blockIdx.x : blockIdx.x - ja.nblocks) * (int64_t)kTile;
+  const int64_t t0 = (is_a ? blockIdx.x : blockIdx.x - ja.nblocks) * (int64_t)tile;
   const int64_t slot = (blockIdx.x % kSlots) * job.slot_stride;
-  load_tile<P, Wt, kTile>(job, K, d, t0, gam, Cs, z, phi);
-  for (int e = threadIdx.x; e < r * kTile; e += blockDim.x) {
-    const int i = e / kTile, t = e - i * kTile;
-    G[i][t] = (t0 + t < job.L)
-                  ? static_cast<Wt>(gout[i * job.so_i + (t0 + t) * job.so_t]) * job.scale
-                  : Wt(0);
+  load_tile<P, Wt>(job, K, d, t0, tile, gam, Cs, z, phi, ldp);
+  for (int e = threadIdx.x; e < r * tile; e += blockDim.x) {
+    const int i = e / tile, t = e - i * tile;
+    G[i * tile + t] = (t0 + t < job.L)
+                          ? static_cast<Wt>(gout[i * job.so_i + (t0 + t) * job.so_t]) * job.scale
+                          : Wt(0);
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < kTile * K; e += blockDim.x) {
+  for (int e = threadIdx.x; e < tile * K; e += blockDim.x) {
     const int t = e / K, k = e - t * K;
     Wt gphi = 0;
     for (int i = 0; i < r; ++i)
-      gphi += G[i][t] * static_cast<Wt>(job.M[i * job.sMi + k * job.sMk]);
-    E[t][k] = gphi * phi[t][k];
+      gphi += G[i * tile + t] * static_cast<Wt>(job.M[i * job.sMi + k * job.sMk]);
+    E[t * ldp + k] = gphi * phi[t * ldp + k];
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < kTile * d; e += blockDim.x) {  // gZ: complete in this tile
+  for (int e = threadIdx.x; e < tile * d; e += blockDim.x) {  // gZ: complete in this tile
     const int t = e / d, c = e - t * d;
     if (t0 + t >= job.L) continue;
     Wt acc = 0;
-    for (int k = 0; k < K; ++k) acc += E[t][k] * (-2 * gam[k]) * (z[t][c] - Cs[k * d + c]);
+    for (int k = 0; k < K; ++k)
+      acc += E[t * ldp + k] * (-2 * gam[k]) * (z[t * kMaxD + c] - Cs[k * d + c]);
     job.gZ[(t0 + t) * d + c] = static_cast<P>(acc);
   }
   for (int k = threadIdx.x; k < K; k += blockDim.x) {  // gC, g(log gamma): partial sums over t
     Wt acc_g = 0;
-    for (int t = 0; t < kTile; ++t) {  // padded t have G = 0, so E = 0
+    for (int t = 0; t < tile; ++t) {  // padded t have G = 0, so E = 0
       Wt s = 0;
       for (int c = 0; c < d; ++c) {
-        const Wt diff = z[t][c] - Cs[k * d + c];
+        const Wt diff = z[t * kMaxD + c] - Cs[k * d + c];
         s += diff * diff;
       }
-      acc_g += E[t][k] * (-gam[k]) * s;
+      acc_g += E[t * ldp + k] * (-gam[k]) * s;
     }
     atomicAdd(job.gg + slot + k, acc_g);
     for (int c = 0; c < d; ++c) {
       Wt acc = 0;
-      for (int t = 0; t < kTile; ++t) acc += E[t][k] * (2 * gam[k]) * (z[t][c] - Cs[k * d + c]);
+      for (int t = 0; t < tile; ++t)
+        acc += E[t * ldp + k] * (2 * gam[k]) * (z[t * kMaxD + c] - Cs[k * d + c]);
       atomicAdd(job.gC + slot + k * d + c, acc);
     }
   }
   for (int e = threadIdx.x; e < r * K; e += blockDim.x) {  // gM: partial sums over t
     const int i = e / K, k = e - i * K;
     Wt acc = 0;
-    for (int t = 0; t < kTile; ++t) acc += G[i][t] * phi[t][k];
+    for (int t = 0; t < tile; ++t) acc += G[i * tile + t] * phi[t * ldp + k];
     atomicAdd(job.gM + slot + i * job.sMi + k * job.sMk, acc);
   }
 }
@@ -284,7 +304,11 @@ std::vector<Tensor> synth_backward(const Tensor& gA, const Tensor& gB, const Gen
   zero_async(ws);
   auto stream = at::cuda::getCurrentCUDAStream();
   POLYKERN_DISPATCH_GEN(pt, gAc.scalar_type(), "genlora_linear_backward", [&] {
-    constexpr int tile = Tiles<wt_t>::bwd;
+    int tile = kMaxBwdTile;
+    while (tile > 1 && static_cast<int64_t>(sizeof(wt_t)) * backward_smem_elems(tile, r, K, d) >
+                           kSmemBudget)
+      tile /= 2;
+    const size_t smem = sizeof(wt_t) * backward_smem_elems(tile, r, K, d);
     auto ja = make_job<p_t, wt_t>(w.Z_A, w.C_A, w.g_A, w.M_A, true, r, 1.0, tile);
     auto jb = make_job<p_t, wt_t>(w.Z_B, w.C_B, w.g_B, w.M_B, false, r, scaling, tile);
     wt_t* base = ws.data_ptr<wt_t>();
@@ -294,9 +318,9 @@ std::vector<Tensor> synth_backward(const Tensor& gA, const Tensor& gB, const Gen
     ja.slot_stride = jb.slot_stride = total;
     const int64_t grid = ja.nblocks + jb.nblocks;
     genlora_synth_backward_kernel<p_t, wt_t, io_t>
-        <<<static_cast<unsigned>(grid), kNThreads, 0, stream>>>(
+        <<<static_cast<unsigned>(grid), kNThreads, smem, stream>>>(
             ja, jb, gAc.data_ptr<io_t>(), gBc.data_ptr<io_t>(), static_cast<int>(r),
-            static_cast<int>(K), static_cast<int>(d));
+            static_cast<int>(K), static_cast<int>(d), tile);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     SlotOutputs<p_t, wt_t> outs{{gC_A.data_ptr<p_t>(), gg_A.data_ptr<p_t>(), gM_A.data_ptr<p_t>(),
                                  gC_B.data_ptr<p_t>(), gg_B.data_ptr<p_t>(), gM_B.data_ptr<p_t>()},
