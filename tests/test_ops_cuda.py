@@ -154,20 +154,6 @@ def test_inference_path_vs_reference(kind, cfg, r, dtype, adapter_dtype, policy)
         assert_within_ref_error(fast, same, exact, what=f"{policy} {kind} {dtype}")
 
 
-def test_merge_policy_api():
-    assert ops.get_merge_policy() == "auto"
-    with ops.merge_policy("never"):
-        assert ops.get_merge_policy() == "never"
-        with ops.merge_policy("always"):
-            assert ops.get_merge_policy() == "always"
-        assert ops.get_merge_policy() == "never"
-    assert ops.get_merge_policy() == "auto"
-    with pytest.raises(ValueError, match="unknown merge policy 'sometimes'"):
-        ops.set_merge_policy("sometimes")
-    with pytest.raises(RuntimeError, match="merge policy must be 0"):
-        torch.ops.polykern.set_merge_policy(7)
-
-
 def test_inference_op_bad_inputs():
     layer = random_layer("pera", 37, 53, 4, torch.float64).to(torch.bfloat16)
     pi, pj = ref.pera_pairs(4, "full", DEV)
