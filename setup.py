@@ -52,14 +52,29 @@ def _extensions():
     sources = [os.path.relpath(p, HERE) for p in
                sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
                + sorted(glob.glob(os.path.join(HERE, "csrc", "*.cu")))]
+    # cuBLASLt, for the merge GEMM with separate C and D (adapter_core.cpp): linked against the
+    # copy torch itself loads (the pip wheel's nvidia/cu*/lib, else the toolkit's); without one
+    # the merge falls back to at::addmm.
+    lt = (sorted(glob.glob(os.path.join(nvidia_root, "cu*", "lib", "libcublasLt.so*")))
+          + sorted(glob.glob(os.path.join(home, "lib64", "libcublasLt.so*"))))
+    defines, link_args, lib_dirs = [], [], []
+    if lt:
+        defines = ["-DPOLYKERN_HAVE_CUBLASLT"]
+        lib_dirs = [os.path.dirname(lt[0])]
+        # torch has loaded this soname by the time polykern._C loads; the rpath is a fallback
+        link_args = [f"-l:{os.path.basename(lt[0])}", f"-Wl,-rpath,{lib_dirs[0]}"]
+    else:
+        print("polykern: no libcublasLt found; the merge GEMM uses at::addmm")
     ext = CUDAExtension(
         name="polykern._C",
         sources=sources,
         include_dirs=includes,
+        library_dirs=lib_dirs,
+        extra_link_args=link_args,
         extra_compile_args={
-            "cxx": ["-O3", "-DNDEBUG"],
+            "cxx": ["-O3", "-DNDEBUG"] + defines,
             "nvcc": ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr",
-                     "-lineinfo"],
+                     "-lineinfo"] + defines,
         },
     )
     return [ext], {"build_ext": BuildExtension}

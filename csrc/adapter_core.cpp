@@ -5,6 +5,9 @@
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#ifdef POLYKERN_HAVE_CUBLASLT
+#include <cublasLt.h>
+#endif
 
 #include <atomic>
 #include <cstdlib>
@@ -107,11 +110,80 @@ static bool merge_pays(int64_t rows, int64_t reduced_dim) {
   return 2 * rows >= 3 * reduced_dim;
 }
 
+#ifdef POLYKERN_HAVE_CUBLASLT
+// W_m = W + B A as one cuBLASLt matmul with C = W and D = W_m (separate buffers), so W is read
+// once and W_m written once. at::addmm copies W into its output first and then reads it again
+// as C: 19 us of the 47 us a merge cost at 4096 x 4096 on the H100 (csrc/README.md). Row-major
+// (m, n) matrices are column-major (n, m) ones, so in cuBLAS's terms D^T = A^T B^T + W^T with
+// A^T (n x R, ld n), B^T (R x m, ld R), W^T and D^T (n x m, ld n). Returns an undefined tensor
+// when cuBLASLt finds no algorithm (the caller then uses at::addmm).
+static Tensor merged_weight_lt(const Tensor& W, const Tensor& A, const Tensor& B) {
+  const int64_t m = W.size(0), n = W.size(1), R = A.size(0);
+  cudaDataType_t dt;
+  switch (W.scalar_type()) {  // fp32 and fp64 keep at::addmm (and torch's TF32 setting)
+    case at::kBFloat16: dt = CUDA_R_16BF; break;
+    case at::kHalf: dt = CUDA_R_16F; break;
+    default: return Tensor();
+  }
+  if (!W.is_contiguous() || !A.is_contiguous() || !B.is_contiguous() || R == 0) return Tensor();
+  Tensor Wm = at::empty_like(W);
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  bool ok = cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) ==
+                CUBLAS_STATUS_SUCCESS &&
+            cublasLtMatrixLayoutCreate(&la, dt, n, R, n) == CUBLAS_STATUS_SUCCESS &&
+            cublasLtMatrixLayoutCreate(&lb, dt, R, m, R) == CUBLAS_STATUS_SUCCESS &&
+            cublasLtMatrixLayoutCreate(&lc, dt, n, m, n) == CUBLAS_STATUS_SUCCESS &&
+            cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS;
+  const size_t ws_size = 4 << 20;
+  Tensor ws = at::empty({static_cast<int64_t>(ws_size)}, W.options().dtype(at::kByte));
+  cublasLtMatmulHeuristicResult_t heur{};
+  int found = 0;
+  // the alignment each pointer really has (W may be a view into a larger weight)
+  auto align = [](const Tensor& t) {
+    uint32_t a = 256;
+    while (a > 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % a != 0) a /= 2;
+    return a;
+  };
+  const uint32_t al[4] = {align(A), align(B), align(W), align(Wm)};
+  const cublasLtMatmulPreferenceAttributes_t al_attr[4] = {
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+  for (int i = 0; ok && i < 4; ++i)
+    ok = cublasLtMatmulPreferenceSetAttribute(pref, al_attr[i], &al[i], sizeof(al[i])) ==
+         CUBLAS_STATUS_SUCCESS;
+  if (ok) {
+    ok = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                              &ws_size, sizeof(ws_size)) ==
+             CUBLAS_STATUS_SUCCESS &&
+         cublasLtMatmulAlgoGetHeuristic(handle, op, la, lb, lc, lc, pref, 1, &heur, &found) ==
+             CUBLAS_STATUS_SUCCESS &&
+         found > 0;
+  }
+  if (ok) {
+    const float one = 1.0f;
+    ok = cublasLtMatmul(handle, op, &one, A.data_ptr(), la, B.data_ptr(), lb, &one, W.data_ptr(),
+                        lc, Wm.data_ptr(), lc, &heur.algo, ws.data_ptr(), ws_size,
+                        at::cuda::getCurrentCUDAStream()) == CUBLAS_STATUS_SUCCESS;
+  }
+  if (pref) cublasLtMatmulPreferenceDestroy(pref);
+  if (lc) cublasLtMatrixLayoutDestroy(lc);
+  if (lb) cublasLtMatrixLayoutDestroy(lb);
+  if (la) cublasLtMatrixLayoutDestroy(la);
+  if (op) cublasLtMatmulDescDestroy(op);
+  return ok ? Wm : Tensor();
+}
+#endif
+
 static Tensor merged_weight(const Tensor& W, const Tensor& A, const Tensor& B) {
-  // (m, n): W + B A, one GEMM with fp32 accumulation. cuBLAS (through at::addmm) first copies W
-  // into the output, then reads it again as C: three passes over an (m, n) matrix where two
-  // would do (47 us at 4096 x 4096, R = 152, on the H100). A one-pass WMMA kernel was tried and
-  // measured slower (74 us at R = 152, 45 us at R = 16; csrc/README.md, version 5).
+  // (m, n): W + B A, one GEMM with fp32 accumulation. A one-pass WMMA kernel was tried and
+  // measured slower than cuBLAS (74 us at R = 152, 45 us at R = 16; csrc/README.md, version 5).
+#ifdef POLYKERN_HAVE_CUBLASLT
+  Tensor Wm = merged_weight_lt(W, A, B);
+  if (Wm.defined()) return Wm;
+#endif
   return at::addmm(W, B, A);
 }
 

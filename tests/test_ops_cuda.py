@@ -134,6 +134,41 @@ def test_merge_policies_vs_reference(kind, cfg, r, dtype, adapter_dtype, policy,
         assert_within_ref_error(f, s, e, what=f"{policy} {kind} r={r} {dtype} {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,m", [(37, 53), (64, 136)])
+def test_merged_path_with_an_offset_weight_view(dtype, n, m):
+    """The merge GEMM (cuBLASLt with C = W, D = W_m where the build has it) on a frozen weight
+    that is a view at an odd offset into a larger tensor (a slice of a fused weight): the
+    pointer alignment is honoured, forward and gradients match the reference."""
+    layer = random_layer("pera", n, m, 9, torch.float64, bias=False, terms="full")
+    big = torch.randn(m + 1, n, device=DEV, dtype=torch.float64)
+    big[1:] = layer.weight.detach()
+    W_view = big.to(dtype)[1:]          # starts n elements in: 2-byte aligned for odd n
+    assert W_view.is_contiguous() and W_view.storage_offset() == n
+    x0 = torch.randn(2, 45, n, device=DEV, dtype=torch.float64)
+    params64 = [p.detach() for p in layer.adapter_parameters()]
+
+    def run_with(W, dt, use_ops):
+        xin = x0.to(dt).requires_grad_()
+        params = [p.to(dt).requires_grad_() for p in params64]
+        fn = ops.pera_linear if use_ops else ref.pera_linear
+        y = fn(xin, W, None, *params, layer.scaling, "full")
+        gy = torch.randn(y.shape, generator=torch.Generator(DEV).manual_seed(3), device=DEV,
+                         dtype=torch.float64).to(dt)
+        return [y] + list(torch.autograd.grad(y, [xin] + params, gy))
+    with ops.merge_policy("always"):
+        fast = run_with(W_view, dtype, True)
+        with torch.no_grad():
+            fast_inf = ops.pera_linear(x0.to(dtype), W_view, None,
+                                       *[p.to(dtype) for p in params64], layer.scaling, "full")
+    same = run_with(W_view.contiguous(), dtype, False)
+    exact = run_with(W_view.double(), torch.float64, False)
+    for name, f, s_, e in zip(["y", "x", "A", "B", "h"], fast, same, exact):
+        assert torch.isfinite(f).all(), name
+        assert_within_ref_error(f, s_, e, what=f"offset view {dtype} {name}")
+    assert_within_ref_error(fast_inf, same[0], exact[0], what=f"offset view inference {dtype}")
+
+
 @pytest.mark.parametrize("kind,cfg,r", MERGE_CASES)
 @pytest.mark.parametrize("dtype,adapter_dtype", [(d, d) for d in LOW] +
                          [(torch.float16, torch.float32)])
