@@ -18,13 +18,14 @@ t0=$(date +%s)
 if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
 fi
-echo "build: $(( $(date +%s) - t0 )) s"
+echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.txt"
+rm -f "$OUT/build.log"  # kept only when the build fails: $OUT brings back at most 8 files
 
 PART="${GPU_CHECK_PART:-all}"
 tests_rc=0
 if [ "$PART" != bench ]; then
 t0=$(date +%s)
-python3 -m pytest -q -x tests -p no:cacheprovider > "$OUT/tests.log" 2>&1
+python3 -m pytest -q -x tests -p no:cacheprovider > "$OUT/tests.log" 2>&1  # $OUT keeps 8 files
 tests_rc=$?
 tail -5 "$OUT/tests.log"
 echo "tests: rc=$tests_rc, $(( $(date +%s) - t0 )) s"
@@ -38,16 +39,21 @@ t0=$(date +%s)
       | grep -v "^========= *$" | tail -8
     echo "rc=${PIPESTATUS[0]}"
   done
-} > "$OUT/sanitizer.log" 2>&1
-cat "$OUT/sanitizer.log"
+} > "$OUT/sanitizer.txt" 2>&1
+cat "$OUT/sanitizer.txt"; cat "$OUT/sanitizer.txt" >> "$OUT/tests.log"; rm -f "$OUT/sanitizer.txt"
 echo "sanitizer: $(( $(date +%s) - t0 )) s"
 
 fi
 
 if [ "$PART" != tests ]; then
-python3 bench/host_overhead.py --json "$OUT/host_overhead.json" > "$OUT/host_overhead.txt" 2>&1
-grep -E "fwd\+bwd|no_grad" "$OUT/host_overhead.txt"
-python3 bench/profile_step.py > "$OUT/profile.txt" 2>&1
+python3 bench/host_overhead.py --profile --json "$OUT/host_overhead.json" > "$OUT/host.txt" 2>&1
+grep -E "fwd\+bwd|no_grad|gemm|mm \(" "$OUT/host.txt" | head -12
+# the adapter GEMMs' tuning (lt_gemm.cpp) logged, then the same profile with the heuristic's
+# first choice (POLYKERN_GEMM_TUNE=0) for comparison, into one file
+POLYKERN_GEMM_TUNE_LOG=1 python3 bench/profile_step.py > "$OUT/profile.txt" 2>&1
+{ echo; echo "######## POLYKERN_GEMM_TUNE=0 (cuBLASLt heuristic's first choice, no timing)"
+  POLYKERN_GEMM_TUNE=0 python3 bench/profile_step.py; } >> "$OUT/profile.txt" 2>&1
+grep -E "total GPU time|^==|tune" "$OUT/profile.txt" | head -40
 
 quick=""; [ "${GPU_CHECK_QUICK:-0}" = 1 ] && quick="--quick"
 python3 bench/bench_layers.py $quick --json "$OUT/h100.json" --plot "$OUT/ratio_vs_N.png" \

@@ -3,7 +3,10 @@ work is negligible (N = 64), so that what is timed is the launch path: Python, t
 autograd. Microseconds per call, median of 7 batches of 200 calls (the GPU is synchronised once
 per batch).
 
-    python bench/host_overhead.py [--N 64] [--dim 4096] [--json out.json]
+    python bench/host_overhead.py [--N 64] [--dim 4096] [--json out.json] [--profile]
+
+--profile also prints torch.profiler's CPU table (self time per op) for a few layer steps, to
+see which host calls a step's time goes to.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ def main():
     ap.add_argument("--N", type=int, default=64)
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     dev, dt, n = "cuda", torch.bfloat16, args.dim
     torch.manual_seed(0)
@@ -88,6 +92,8 @@ def main():
         "op pera_expand direct": lambda: torch.ops.polykern.pera_expand(
             A, B, h, pi, pj, pera.scaling, dt),
         "torch.mm (64 x n x 16)": lambda: torch.mm(x.detach(), lA.detach().t()),
+        "op _adapter_gemm (64 x n x 16)": lambda: torch.ops.polykern._adapter_gemm(
+            x.detach(), lA.detach().t()),
         "python: _check_input": lambda: pera._check_input(x),
         "python: compute_inputs": lambda: modules.compute_inputs(x, W, None),
         "python: pera_pairs": lambda: ref.pera_pairs(16, "full", A.device),
@@ -102,6 +108,19 @@ def main():
         for p in pera.adapter_parameters() + gen.adapter_parameters() + [lA, lB]:
             p.grad = None
         print(f"{name:42s} {res[name]:8.1f} us", flush=True)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        for name in ("frozen nn.Linear fwd+bwd", "PeraLinear fwd+bwd", "GenLoraLinear fwd+bwd"):
+            fn = cases[name]
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(20):
+                    fn()
+                torch.cuda.synchronize()
+            print(f"== host profile of {name}, 20 steps (us are totals over the 20)")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "N": args.N, "dim": n,

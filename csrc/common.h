@@ -61,6 +61,14 @@ Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tens
 void set_merge_policy(int64_t policy);
 int64_t get_merge_policy();
 
+// The adapter's GEMMs on cuBLASLt (lt_gemm.cpp), torch's row-major semantics, bf16/fp16 with a
+// plan (descriptors, algorithm timed once) per shape; other dtypes and layouts go to ATen.
+// lt_gemm: D = X Y + beta C (C may be D itself); false when it cannot take the problem.
+bool lt_gemm(const Tensor& X, const Tensor& Y, const Tensor& C, const Tensor& D, float beta);
+Tensor fast_mm(const Tensor& X, const Tensor& Y);                    // X Y
+void fast_addmm_(Tensor& D, const Tensor& X, const Tensor& Y);       // D += X Y
+Tensor fast_addmm(const Tensor& C, const Tensor& X, const Tensor& Y);  // C + X Y, C (M, N)
+
 // Shape and device checks common to both forward ops.
 void check_linear_inputs(const char* op, const Tensor& x, const Tensor& W,
                          const std::optional<Tensor>& bias,

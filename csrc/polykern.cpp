@@ -66,6 +66,8 @@ TORCH_LIBRARY(polykern, m) {
   // Path choice of the adapter core (see common.h): 0 auto, 1 always merge, 2 never merge.
   m.def("set_merge_policy(int policy) -> ()", &polykern::set_merge_policy);
   m.def("get_merge_policy() -> int", &polykern::get_merge_policy);
+  // The adapter core's GEMM helper (csrc/lt_gemm.cpp) by itself, for tests: X Y (+ C).
+  m.def("_adapter_gemm(Tensor X, Tensor Y, Tensor? C=None) -> Tensor");
   // The generators alone (merge, delta_weight, tests): A_hat (R, n), scaling * B_hat (m, R).
   m.def(
       "pera_expand(Tensor A, Tensor B, Tensor h, Tensor pair_i, Tensor pair_j, float scaling, "

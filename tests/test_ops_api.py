@@ -27,7 +27,8 @@ def test_merge_policy_roundtrip_and_errors():
 @pytest.mark.parametrize("name", ["pera_linear", "pera_linear_backward", "pera_linear_eager",
                                   "pera_linear_inference", "pera_expand", "genlora_linear",
                                   "genlora_linear_backward", "genlora_linear_eager",
-                                  "genlora_linear_inference", "genlora_expand"])
+                                  "genlora_linear_inference", "genlora_expand",
+                                  "_adapter_gemm"])
 def test_op_is_registered(name):
     schema = getattr(torch.ops.polykern, name).default._schema
     assert schema.name == f"polykern::{name}"

@@ -41,14 +41,18 @@ def random_layer(kind, n, m, r, dtype, bias=True, **cfg):
     return layer.to(dtype)
 
 
-def run(layer, x, dtype, adapter_dtype, use_ops):
+def run(layer, x, dtype, adapter_dtype, use_ops, reverse_rows=False):
     """Forward + backward of ``layer``'s math with the activations and frozen weight in
     ``dtype`` and the adapter parameters in ``adapter_dtype``, through the CUDA ops or the
-    reference; returns [y, grad x, grads of the adapter parameters]."""
+    reference; returns [y, grad x, grads of the adapter parameters]. ``reverse_rows`` runs the
+    same math on the batch rows in reverse order (and returns y and grad x in the original
+    order): the sums over rows then round differently, another sample of the dtype's error."""
     W = layer.weight.detach().to(dtype)
     b = None if layer.bias is None else layer.bias.detach().to(dtype)
     params = [p.detach().to(adapter_dtype).requires_grad_() for p in layer.adapter_parameters()]
-    xin = x.detach().to(dtype).requires_grad_()
+    rows = tuple(range(x.dim() - 1)) if reverse_rows else ()
+    xin = x.detach().to(dtype)
+    xin = (xin.flip(rows) if rows else xin).requires_grad_()
     if isinstance(layer, PeraLinear):
         fn = ops.pera_linear if use_ops else ref.pera_linear
         y = fn(xin, W, b, *params, layer.scaling, layer.terms)
@@ -57,8 +61,19 @@ def run(layer, x, dtype, adapter_dtype, use_ops):
         y = fn(xin, W, b, *params, layer.scaling)
     gy = torch.randn(y.shape, generator=torch.Generator(DEV).manual_seed(7), device=DEV,
                      dtype=torch.float64).to(dtype)
-    grads = torch.autograd.grad(y, [xin] + params, gy, allow_unused=True)
-    return [y] + list(grads)
+    if rows:
+        gy = gy.flip(rows)  # the gradient each original row gets is unchanged
+    grads = list(torch.autograd.grad(y, [xin] + params, gy, allow_unused=True))
+    if rows:
+        y, grads[0] = y.flip(rows), grads[0].flip(rows)
+    return [y] + grads
+
+
+def same_dtype_refs(layer, x, dtype, adapter_dtype):
+    """The reference in the compute dtype, twice (rows in order and reversed): per output, the
+    pair ``assert_within_ref_error`` takes as the same-dtype error sample."""
+    return list(zip(run(layer, x, dtype, adapter_dtype, use_ops=False),
+                    run(layer, x, dtype, adapter_dtype, use_ops=False, reverse_rows=True)))
 
 
 def run_forward(layer, x, dtype, adapter_dtype, use_ops):
@@ -92,13 +107,13 @@ def test_kernel_vs_reference(kind, cfg, r, dtype, adapter_dtype, layout):
     if layout == "strided":
         x = strided(torch.randn(7, n, device=DEV, dtype=torch.float64))
     fast = run(layer, x, dtype, adapter_dtype, use_ops=True)
-    same = run(layer, x, dtype, adapter_dtype, use_ops=False)
+    same = same_dtype_refs(layer, x, dtype, adapter_dtype)
     exact = run(layer, x.to(dtype).double(), torch.float64, torch.float64, use_ops=False)
     names = ["y", "x"] + list(layer.adapter_parameter_names)
     for name, f, s, e in zip(names, fast, same, exact):
         if e is None:
             continue
-        assert f.dtype == s.dtype and f.shape == s.shape, name
+        assert f.dtype == s[0].dtype and f.shape == s[0].shape, name
         assert torch.isfinite(f).all(), f"{name}: non-finite values (unwritten output?)"
         assert_within_ref_error(f, s, e, what=f"{kind} {cfg} r={r} {dtype}/{adapter_dtype} {name}")
 
@@ -126,7 +141,7 @@ def test_merge_policies_vs_reference(kind, cfg, r, dtype, adapter_dtype, policy,
         x = strided(torch.randn(70, n, device=DEV, dtype=torch.float64))
     with ops.merge_policy(policy):
         fast = run(layer, x, dtype, adapter_dtype, use_ops=True)
-    same = run(layer, x, dtype, adapter_dtype, use_ops=False)
+    same = same_dtype_refs(layer, x, dtype, adapter_dtype)
     exact = run(layer, x.to(dtype).double(), torch.float64, torch.float64, use_ops=False)
     names = ["y", "x"] + list(layer.adapter_parameter_names)
     for name, f, s, e in zip(names, fast, same, exact):

@@ -40,9 +40,15 @@ def assert_verbose_allclose(actual, expected, rtol, atol, what=""):
 def assert_within_ref_error(fast, ref_same_dtype, ref64, what="", factor=2.0):
     """The fast path's error against float64 is at most ``factor`` times the error of the
     reference run in the same dtype (flash-attention's rule), plus a few ulps of slack for the
-    case where the same-dtype reference happens to be exact."""
+    case where the same-dtype reference happens to be exact.
+
+    ``ref_same_dtype`` may be a list of same-dtype reference runs that differ only in the order
+    of their sums (e.g. the batch rows reversed); the largest of their errors is the reference
+    error. A single run can be luckily exact on an output of a few elements (a gradient of a
+    handful of scalars), which makes the ratio a draw of chance rather than a property."""
+    refs = ref_same_dtype if isinstance(ref_same_dtype, (list, tuple)) else [ref_same_dtype]
     e_fast = rel_err(fast, ref64)
-    e_ref = rel_err(ref_same_dtype, ref64)
+    e_ref = max(rel_err(r, ref64) for r in refs)
     slack = 4 * eps(fast.dtype) if fast.dtype != torch.float64 else 1e-12
     assert e_fast <= factor * e_ref + slack, (
         f"{what}: fast error {e_fast:.3e} > {factor} x reference error {e_ref:.3e} + {slack:.1e}")
