@@ -1,0 +1,76 @@
+"""Where a synchronised training step of one layer waits: torch.profiler's timeline of one step
+(after warm-up), each GPU kernel with its start, its end and the idle time before it, and the
+host calls that launched work, all in microseconds from the step's start. The idle time before
+the first kernel is the host's latency; idle time between kernels means the host fell behind.
+
+    python bench/timeline_step.py [--N 8192] [--dim 4096]
+"""
+import argparse
+
+import torch
+import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
+
+import polykern
+
+HOST_CALLS = ("polykern::", "aten::mm", "aten::addmm", "autograd::engine::evaluate_function",
+              "cudaLaunchKernel", "cuLaunchKernel", "cudaMemsetAsync")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--N", type=int, default=8192)
+    ap.add_argument("--dim", type=int, default=4096)
+    args = ap.parse_args()
+    dev, dt = "cuda", torch.bfloat16
+    for name, cls, cfg in (("frozen nn.Linear", None, {}),
+                           ("PERA full r=16", polykern.PeraLinear, {"r": 16}),
+                           ("GenLoRA r=16 K=32", polykern.GenLoraLinear, {"r": 16})):
+        base = nn.Linear(args.dim, args.dim, bias=False, device=dev, dtype=dt)
+        base.requires_grad_(False)
+        layer = base if cls is None else cls.from_linear(base, **cfg)
+        adapter = [] if cls is None else layer.adapter_parameters()
+        with torch.no_grad():
+            for p in adapter:
+                p.add_(torch.randn_like(p) * 0.02)
+        x = torch.randn(args.N, args.dim, device=dev, dtype=dt, requires_grad=True)
+        gy = torch.randn(args.N, args.dim, device=dev, dtype=dt)
+        params = [x] + adapter
+
+        def step():
+            for t in params:
+                t.grad = None
+            layer(x).backward(gy)
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        events = prof.events()
+        cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+        t0 = min(e.time_range.start for e in cpu)
+        gpu = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+        print(f"== {name}, N={args.N}: one synchronised step (us from its start)")
+        rows = []
+        for e in cpu:
+            if e.name.startswith(HOST_CALLS):
+                rows.append((e.time_range.start - t0, f"host {e.name[:60]}",
+                             e.time_range.end - e.time_range.start))
+        last_end, idle = None, 0.0
+        for e in gpu:
+            s, t = e.time_range.start - t0, e.time_range.end - t0
+            gap = s if last_end is None else max(0.0, s - last_end)
+            idle += gap
+            rows.append((s, f"GPU  {e.name[:60]}  (idle before: {gap:.1f})", t - s))
+            last_end = t if last_end is None else max(last_end, t)
+        for when, what, dur in sorted(rows):
+            print(f"  {when:9.1f}  {dur:8.1f}  {what}")
+        busy = sum(e.time_range.end - e.time_range.start for e in gpu)
+        print(f"  GPU busy {busy:.1f} us, idle {idle:.1f} us before its last kernel ended at "
+              f"{(last_end or 0):.1f} us")
+
+
+if __name__ == "__main__":
+    main()
