@@ -285,6 +285,11 @@ std::tuple<Tensor, Tensor> synth(const GenParams& p, double scaling, at::ScalarT
 
 std::vector<Tensor> synth_backward(const Tensor& gA, const Tensor& gB, const GenParams& p,
                                    double scaling) {
+  // The sums over coordinates use atomics: not bitwise reproducible. Under
+  // torch.use_deterministic_algorithms(True) this raises (warns with warn_only=True), as
+  // PyTorch's own such ops do; the modules take the reference path in that mode instead.
+  at::globalContext().alertNotDeterministic(
+      "polykern::genlora_linear_backward (gradients of the generator parameters)");
   const auto pt = gen_param_dtype(p.M_A.scalar_type(), gA.scalar_type());
   const auto wt = pt == at::kDouble ? at::kDouble : at::kFloat;
   const GenParams w = to_dtype(p, pt);

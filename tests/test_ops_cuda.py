@@ -3,7 +3,9 @@ random data of odd shapes, tolerances from the same-dtype reference's own error 
 error against float64 at most 2x it); gradcheck in float64; N = 1 and 0; opcheck;
 torch.compile; CUDA graph capture; bad inputs. Skipped without a GPU and the extension."""
 
+import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -309,6 +311,55 @@ def test_eager_node_gradients_for_each_requires_grad_pattern(kind, bias, dropout
     assert len(got) == len(exp) > 0
     for g, e in zip(got, exp):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10, msg=f"{names} {trainable}")
+
+
+def test_genlora_under_deterministic_algorithms(monkeypatch, capfd):
+    """torch.use_deterministic_algorithms: the GenLoRA CUDA backward (atomics) is not bitwise
+    reproducible, so the op alerts (raises; warns with warn_only) and the module takes the
+    reference path, whose gradients repeat bitwise. PERA's kernels have no atomics."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # torch's own cuBLAS condition
+    layer = random_layer("genlora", 37, 53, 5, torch.float64, num_rbf=7, latent_dim=2)
+    layer32 = copy.deepcopy(layer).to(torch.float32)
+    x = torch.randn(4, 9, 37, device=DEV, dtype=torch.float64)
+
+    def grads(lay, dt, reverse=False):  # reverse: the rows in reverse order, same math
+        xin = (x.flip(0, 1) if reverse else x).to(dt).requires_grad_()
+        lay.zero_grad(set_to_none=True)
+        lay(xin).sum().backward()
+        gx = xin.grad.flip(0, 1) if reverse else xin.grad
+        return [gx] + [p.grad for p in lay.adapter_parameters()]
+    params = [p.detach() for p in layer32.adapter_parameters()]
+    W, x32 = layer32.weight.detach(), x.float()
+    _, U, A, B = torch.ops.polykern.genlora_linear(x32, W, None, *params, layer32.scaling, None)
+    gy = torch.randn(4, 9, 53, device=DEV)
+
+    def backward(mask):
+        return torch.ops.polykern.genlora_linear_backward(gy, x32, None, W, *params,
+                                                          layer32.scaling, U, A, B, mask)
+    try:
+        torch.use_deterministic_algorithms(True)
+        first, second = grads(layer32, torch.float32), grads(layer32, torch.float32)
+        other_order = grads(layer32, torch.float32, reverse=True)
+        with pytest.raises(RuntimeError, match="polykern::genlora_linear_backward"):
+            backward([True, False, True])
+        backward([True, False, False])  # gX alone has no atomics: no alert
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        capfd.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            backward([True, False, True])  # warns (a Python warning, or c10's on stderr)
+        said = " ".join(str(w.message) for w in caught) + capfd.readouterr().err
+        assert "polykern::genlora_linear_backward (gradients of the generator parameters) " \
+               "does not have a deterministic implementation" in said
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(first, second):
+        assert a is not None and torch.equal(a, b)
+    fast = grads(layer32, torch.float32)  # the CUDA path, outside that mode
+    exact = grads(layer, torch.float64)
+    for name, f, d, o, e in zip(["x"] + list(layer.adapter_parameter_names), fast, first,
+                                other_order, exact):
+        assert_within_ref_error(f, [d, o], e, what=f"deterministic-mode reference vs CUDA: {name}")
 
 
 def test_dropout_mask_matches_reference():
