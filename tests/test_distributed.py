@@ -81,6 +81,25 @@ def test_matches_single_process(torchrun_out, single, mode):
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_report_checks_losses_reload_and_throughput(torchrun_out):
+    """The script's --report step (what the 2-GPU run commits): the losses of DDP and FSDP2
+    within 2x of what reordering the same math gives (the single-process run with accumulated
+    halves), the saved adapters reproducing each run's output after reloading, tokens/s."""
+    td = _script()
+    for mode in ("single", "single_accum"):
+        td.train(mode, STEPS, GLOBAL_BATCH, out=str(torchrun_out))
+    res = td.report(str(torchrun_out), "cpu", str(torchrun_out / "report.json"))
+    assert json.loads((torchrun_out / "report.json").read_text())["modes"].keys() == \
+        {"single", "single_accum", "ddp", "fsdp2"}
+    for mode in ("ddp", "fsdp2"):
+        entry = res["modes"][mode]
+        assert entry["world_size"] == 2
+        assert entry["loss_within_bound"], entry
+        assert entry["reload_within_rounding"], entry
+        assert entry["tokens_per_s_per_gpu"] > 0
+    assert res["modes"]["single"]["max_loss_diff_vs_single"] == 0.0
+
+
 def test_script_refuses_ddp_without_torchrun(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--modes", "ddp", "--out", str(tmp_path)],
