@@ -9,33 +9,41 @@ from torch.profiler import ProfilerActivity, profile
 import polykern
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--N", type=int, default=8192)
-    ap.add_argument("--dim", type=int, default=4096)
-    args = ap.parse_args()
+def layer_steps(N: int, dim: int):
+    """(name, step) for the frozen layer, PERA full r=16 and GenLoRA r=16 K=32 on a (dim, dim)
+    bf16 weight: ``step()`` is one forward+backward on a random (N, dim) input, each already run
+    5 times (warm-up, GEMM tuning). Shared with bench/timeline_step.py."""
     dev, dt = "cuda", torch.bfloat16
     for name, cls, cfg in (("frozen nn.Linear", None, {}),
                            ("PERA full r=16", polykern.PeraLinear, {"r": 16}),
                            ("GenLoRA r=16 K=32", polykern.GenLoraLinear, {"r": 16})):
-        base = nn.Linear(args.dim, args.dim, bias=False, device=dev, dtype=dt)
+        base = nn.Linear(dim, dim, bias=False, device=dev, dtype=dt)
         base.requires_grad_(False)
         layer = base if cls is None else cls.from_linear(base, **cfg)
         adapter = [] if cls is None else layer.adapter_parameters()
         with torch.no_grad():
             for p in adapter:
                 p.add_(torch.randn_like(p) * 0.02)
-        x = torch.randn(args.N, args.dim, device=dev, dtype=dt, requires_grad=True)
-        gy = torch.randn(args.N, args.dim, device=dev, dtype=dt)
+        x = torch.randn(N, dim, device=dev, dtype=dt, requires_grad=True)
+        gy = torch.randn(N, dim, device=dev, dtype=dt)
         params = [x] + adapter
 
-        def step():
+        def step(layer=layer, x=x, gy=gy, params=params):
             for t in params:  # as bench_layers.py does: no gradient-accumulation kernels
                 t.grad = None
             layer(x).backward(gy)
         for _ in range(5):
             step()
         torch.cuda.synchronize()
+        yield name, step
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--N", type=int, default=8192)
+    ap.add_argument("--dim", type=int, default=4096)
+    args = ap.parse_args()
+    for name, step in layer_steps(args.N, args.dim):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
                 step()

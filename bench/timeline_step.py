@@ -8,10 +8,9 @@ the first kernel is the host's latency; idle time between kernels means the host
 import argparse
 
 import torch
-import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
-import polykern
+from profile_step import layer_steps  # bench/ is this script's directory
 
 HOST_CALLS = ("polykern::", "aten::mm", "aten::addmm", "autograd::engine::evaluate_function",
               "cudaLaunchKernel", "cuLaunchKernel", "cudaMemsetAsync")
@@ -22,28 +21,7 @@ def main():
     ap.add_argument("--N", type=int, default=8192)
     ap.add_argument("--dim", type=int, default=4096)
     args = ap.parse_args()
-    dev, dt = "cuda", torch.bfloat16
-    for name, cls, cfg in (("frozen nn.Linear", None, {}),
-                           ("PERA full r=16", polykern.PeraLinear, {"r": 16}),
-                           ("GenLoRA r=16 K=32", polykern.GenLoraLinear, {"r": 16})):
-        base = nn.Linear(args.dim, args.dim, bias=False, device=dev, dtype=dt)
-        base.requires_grad_(False)
-        layer = base if cls is None else cls.from_linear(base, **cfg)
-        adapter = [] if cls is None else layer.adapter_parameters()
-        with torch.no_grad():
-            for p in adapter:
-                p.add_(torch.randn_like(p) * 0.02)
-        x = torch.randn(args.N, args.dim, device=dev, dtype=dt, requires_grad=True)
-        gy = torch.randn(args.N, args.dim, device=dev, dtype=dt)
-        params = [x] + adapter
-
-        def step():
-            for t in params:
-                t.grad = None
-            layer(x).backward(gy)
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
+    for name, step in layer_steps(args.N, args.dim):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
