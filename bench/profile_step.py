@@ -38,11 +38,16 @@ def layer_steps(N: int, dim: int):
         yield name, step
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def size_args(doc: str):
+    """--N and --dim, the command line of this script and bench/timeline_step.py."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--N", type=int, default=8192)
     ap.add_argument("--dim", type=int, default=4096)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main():
+    args = size_args(__doc__)
     for name, step in layer_steps(args.N, args.dim):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(10):

@@ -5,22 +5,17 @@ the first kernel is the host's latency; idle time between kernels means the host
 
     python bench/timeline_step.py [--N 8192] [--dim 4096]
 """
-import argparse
-
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from profile_step import layer_steps  # bench/ is this script's directory
+from profile_step import layer_steps, size_args  # bench/ is this script's directory
 
 HOST_CALLS = ("polykern::", "aten::mm", "aten::addmm", "autograd::engine::evaluate_function",
               "cudaLaunchKernel", "cuLaunchKernel", "cudaMemsetAsync")
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--N", type=int, default=8192)
-    ap.add_argument("--dim", type=int, default=4096)
-    args = ap.parse_args()
+    args = size_args(__doc__)
     for name, step in layer_steps(args.N, args.dim):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
