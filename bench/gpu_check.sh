@@ -51,9 +51,14 @@ grep -E "fwd\+bwd|no_grad|gemm|mm \(" "$OUT/host.txt" | head -12
 # the adapter GEMMs' tuning (lt_gemm.cpp) logged, then the same profile with the heuristic's
 # first choice (POLYKERN_GEMM_TUNE=0) for comparison, into one file
 POLYKERN_GEMM_TUNE_LOG=1 python3 bench/profile_step.py > "$OUT/profile.txt" 2>&1
-{ echo; echo "######## POLYKERN_GEMM_TUNE=0 (cuBLASLt heuristic's first choice, no timing)"
-  POLYKERN_GEMM_TUNE=0 python3 bench/profile_step.py; } >> "$OUT/profile.txt" 2>&1
+# ... then without the fused gY pass (POLYKERN_FUSED_GY=0: two cuBLASLt GEMMs, the v6 path), and
+# the fused pass alone against those two GEMMs
+{ echo; echo "######## POLYKERN_FUSED_GY=0 (gU and gB_gen as two cuBLASLt GEMMs, version 6)"
+  POLYKERN_FUSED_GY=0 python3 bench/profile_step.py
+  echo; echo "######## bench/gy_pass_bench.py"; python3 bench/gy_pass_bench.py
+} >> "$OUT/profile.txt" 2>&1
 grep -E "total GPU time|^==|tune" "$OUT/profile.txt" | head -40
+sed -n '/gy_pass_bench/,$p' "$OUT/profile.txt"
 
 quick=""; [ "${GPU_CHECK_QUICK:-0}" = 1 ] && quick="--quick"
 python3 bench/bench_layers.py $quick --json "$OUT/h100.json" --plot "$OUT/ratio_vs_N.png" \

@@ -14,5 +14,12 @@ for cls, cfg in ((polykern.PeraLinear, {"terms": "full"}), (polykern.PeraLinear,
                 p.add_(torch.randn_like(p) * 0.1)
         x = torch.randn(3, 7, 37, device="cuda", dtype=dtype, requires_grad=True)
         layer(x).float().square().sum().backward()
+# the fused gY pass (csrc/gy_pass.cu): R = 16 and 8 (padded), partial tiles in both directions
+for N, m, R in ((70, 136, 16), (300, 72, 8)):
+    gy = torch.randn(N, m, device="cuda", dtype=torch.bfloat16)
+    B = torch.randn(m, R, device="cuda", dtype=torch.bfloat16)
+    U = torch.randn(N, R, device="cuda", dtype=torch.bfloat16)
+    assert torch.ops.polykern._gy_pass_takes(gy, B, U)
+    torch.ops.polykern._gy_pass(gy, B, U)
 torch.cuda.synchronize()
 print("sanitize case ran")

@@ -164,8 +164,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
   const bool separate = x_adapter.has_value();
   const bool merged = need_x && !separate && gy.size(0) > 0 && merge_pays(gy.size(0), m);
   const bool need_gU = need_factors || need_xa || (need_x && !separate && !merged);
+  // gU and gB from one read of gY where the fused kernel takes the operands (small R)
+  const bool fused = need_factors && gy_pass_takes(gy, B, U);
   Tensor gU, gX, gXa, gA, gB;
-  if (need_gU && !merged) gU = fast_mm(gy, B);                            // (N, R)
+  auto down = [&] {
+    if (fused) std::tie(gU, gB) = gy_pass(gy, B, U);                     // (N, R), (m, R)
+    else gU = fast_mm(gy, B);                                             // (N, R)
+  };
+  if (need_gU && !merged) down();
   if (need_x) {
     if (merged) {
       gX = at::mm(gy, merged_weight(W, A, B));                            // gY (W + B A)
@@ -175,12 +181,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
     }
     gX = gX.view(x.sizes());
   }
-  if (need_gU && merged) gU = fast_mm(gy, B);                             // after the long GEMM
+  if (need_gU && merged) down();                                          // after the long GEMM
   if (need_xa && separate) gXa = fast_mm(gU, A).view(x.sizes());
   if (need_factors) {
     const Tensor xa2 = separate ? x_adapter->reshape({-1, n}) : x.reshape({-1, n});
     gA = fast_mm(gU.t(), xa2);                                            // (R, n)
-    gB = fast_mm(gy.t(), U);                                              // (m, R)
+    if (!fused) gB = fast_mm(gy.t(), U);                                  // (m, R)
   }
   auto empty = [&](Tensor& t) { if (!t.defined()) t = at::empty({0}, x.options()); };
   empty(gX); empty(gXa); empty(gA); empty(gB);

@@ -69,6 +69,12 @@ Tensor fast_mm(const Tensor& X, const Tensor& Y);                    // X Y
 void fast_addmm_(Tensor& D, const Tensor& X, const Tensor& Y);       // D += X Y
 Tensor fast_addmm(const Tensor& C, const Tensor& X, const Tensor& Y);  // C + X Y, C (M, N)
 
+// The fused gY pass (gy_pass.cu): (gY B, gY^T U) for gY (N, m), B (m, R), U (N, R) from one read
+// of gY when gy_pass_takes says the kernel takes the operands (bf16/fp16, R = 8 or 16,
+// m % 8 == 0, 16-byte aligned rows), else two GEMMs. POLYKERN_FUSED_GY=0 turns it off.
+bool gy_pass_takes(const Tensor& gy, const Tensor& B, const Tensor& U);
+std::tuple<Tensor, Tensor> gy_pass(const Tensor& gy, const Tensor& B, const Tensor& U);
+
 // Shape and device checks common to both forward ops.
 void check_linear_inputs(const char* op, const Tensor& x, const Tensor& W,
                          const std::optional<Tensor>& bias,

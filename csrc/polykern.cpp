@@ -68,6 +68,10 @@ TORCH_LIBRARY(polykern, m) {
   m.def("get_merge_policy() -> int", &polykern::get_merge_policy);
   // The adapter core's GEMM helper (csrc/lt_gemm.cpp) by itself, for tests: X Y (+ C).
   m.def("_adapter_gemm(Tensor X, Tensor Y, Tensor? C=None) -> Tensor");
+  // The fused gY pass (csrc/gy_pass.cu) by itself, for tests: (grad_y B, grad_y^T U), and
+  // whether the fused kernel takes these operands (else two GEMMs run).
+  m.def("_gy_pass(Tensor grad_y, Tensor B, Tensor U) -> (Tensor, Tensor)");
+  m.def("_gy_pass_takes(Tensor grad_y, Tensor B, Tensor U) -> bool");
   // The generators alone (merge, delta_weight, tests): A_hat (R, n), scaling * B_hat (m, R).
   m.def(
       "pera_expand(Tensor A, Tensor B, Tensor h, Tensor pair_i, Tensor pair_j, float scaling, "

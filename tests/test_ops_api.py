@@ -28,7 +28,7 @@ def test_merge_policy_roundtrip_and_errors():
                                   "pera_linear_inference", "pera_expand", "genlora_linear",
                                   "genlora_linear_backward", "genlora_linear_eager",
                                   "genlora_linear_inference", "genlora_expand",
-                                  "_adapter_gemm"])
+                                  "_adapter_gemm", "_gy_pass", "_gy_pass_takes"])
 def test_op_is_registered(name):
     schema = getattr(torch.ops.polykern, name).default._schema
     assert schema.name == f"polykern::{name}"
