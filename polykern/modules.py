@@ -47,14 +47,8 @@ def pera_forward(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Ten
 
 def genlora_forward(x: Tensor, W: Tensor, bias: Optional[Tensor], Z_A, C_A, g_A, M_A, Z_B, C_B,
                     g_B, M_B, scaling: float, x_adapter: Optional[Tensor] = None) -> Tensor:
-    """The GenLoRA-adapted linear on the path that serves ``x`` (see :func:`pera_forward`).
-
-    Under ``torch.use_deterministic_algorithms(True)``, when a generator parameter needs a
-    gradient, the reference serves CUDA inputs too: the CUDA backward sums those gradients with
-    atomics, so it is not bitwise reproducible (the op itself raises in that mode)."""
+    """The GenLoRA-adapted linear on the path that serves ``x`` (see :func:`pera_forward`)."""
     use_ops = x.is_cuda and ops.cuda_available()
-    if use_ops and torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled():
-        use_ops = not any(t.requires_grad for t in (Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B))
     fn = ops.genlora_linear if use_ops else reference.genlora_linear
     return fn(x, W, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling, x_adapter)
 
