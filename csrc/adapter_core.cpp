@@ -3,9 +3,6 @@
 // beta = 1 (no extra pass over y). The backward puts gY W and gU A into one buffer.
 #include "common.h"
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-
 #include <atomic>
 #include <cstdlib>
 
@@ -27,12 +24,6 @@ std::string shape(c10::IntArrayRef s) {
   std::string out = "(";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
   return out + (s.size() == 1 ? ",)" : ")");
-}
-
-void zero_async(const Tensor& t) {
-  if (t.numel() == 0) return;
-  C10_CUDA_CHECK(cudaMemsetAsync(t.data_ptr(), 0, t.nbytes(),
-                                 at::cuda::getCurrentCUDAStream()));
 }
 
 void check_cuda(const Tensor& t, const char* name, const Tensor& like) {

@@ -26,9 +26,6 @@ std::string shape(c10::IntArrayRef s);
 bool poison_enabled();
 void maybe_poison(const Tensor& t);
 
-// Zero a tensor with one cudaMemsetAsync on the current stream (outputs the kernels accumulate
-// into with atomics); cheaper on the host than at::zeros.
-void zero_async(const Tensor& t);
 
 
 void check_cuda(const Tensor& t, const char* name, const Tensor& like);
