@@ -53,11 +53,15 @@ grep -E "fwd\+bwd|no_grad|gemm|mm \(" "$OUT/host.txt" | head -12
 POLYKERN_GEMM_TUNE_LOG=1 python3 bench/profile_step.py > "$OUT/profile.txt" 2>&1
 # ... then without the fused gY pass (POLYKERN_FUSED_GY=0: two cuBLASLt GEMMs, the v6 path), and
 # the fused pass alone against those two GEMMs
-{ echo; echo "######## POLYKERN_FUSED_GY=0 (gU and gB_gen as two cuBLASLt GEMMs, version 6)"
+{ echo; echo "######## POLYKERN_OVERLAP=0 (no side stream)"
+  POLYKERN_OVERLAP=0 python3 bench/profile_step.py
+  echo; echo "######## --keep never (the backward merges again)"
+  python3 bench/profile_step.py --keep never
+  echo; echo "######## POLYKERN_FUSED_GY=0 (gU and gB_gen as two cuBLASLt GEMMs, version 6)"
   POLYKERN_FUSED_GY=0 python3 bench/profile_step.py
   echo; echo "######## bench/gy_pass_bench.py"; python3 bench/gy_pass_bench.py
 } >> "$OUT/profile.txt" 2>&1
-grep -E "total GPU time|^==|tune" "$OUT/profile.txt" | head -40
+grep -E "total GPU time|wall time|^==|^####|tune" "$OUT/profile.txt" | head -60
 sed -n '/gy_pass_bench/,$p' "$OUT/profile.txt"
 
 quick=""; [ "${GPU_CHECK_QUICK:-0}" = 1 ] && quick="--quick"

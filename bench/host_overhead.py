@@ -63,8 +63,8 @@ def main():
     lA = (torch.randn(16, n, device=dev, dtype=dt) * 0.02).requires_grad_()
     lB = (torch.randn(n, 16, device=dev, dtype=dt) * 0.02).requires_grad_()
     out = ops.pera_linear(x, W, None, A, B, h, pera.scaling, "full")
-    _, U, Ah, Bh = torch.ops.polykern.pera_linear(x, W, None, A, B, h, pi, pj, pera.scaling,
-                                                  None)
+    _, U, Ah, Bh, _ = torch.ops.polykern.pera_linear(x, W, None, A, B, h, pi, pj,
+                                                     pera.scaling, None)
 
     trainable = [x, lA, lB] + pera.adapter_parameters() + gen.adapter_parameters()
 

@@ -1,5 +1,7 @@
 """Per-kernel GPU time of one adapted layer's training step (torch.profiler), to see where the
-adapter's time goes: python bench/profile_step.py [--N 8192] [--dim 4096]."""
+adapter's time goes, and the step's wall time on the GPU (10 steps queued back to back, so that
+kernels that overlap on two streams count once): python bench/profile_step.py [--N 8192]
+[--dim 4096] [--keep auto|always|never] (the merged-weight keep policy, polykern.ops)."""
 import argparse
 
 import torch
@@ -43,11 +45,29 @@ def size_args(doc: str):
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--N", type=int, default=8192)
     ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--keep", default="auto", choices=["auto", "always", "never"])
     return ap.parse_args()
+
+
+def wall_us(step, steps=10, reps=5):
+    """GPU wall time per step: steps queued back to back behind a GPU sleep (the host's launch
+    latency hidden), between two events; median over reps."""
+    out = []
+    for _ in range(reps):
+        torch.cuda._sleep(20_000_000)
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(steps):
+            step()
+        e.record()
+        e.synchronize()
+        out.append(s.elapsed_time(e) * 1e3 / steps)
+    return sorted(out)[len(out) // 2]
 
 
 def main():
     args = size_args(__doc__)
+    polykern.ops.set_merge_policy("auto", keep=args.keep)
     for name, step in layer_steps(args.N, args.dim):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
@@ -62,6 +82,8 @@ def main():
             total += us
             print(f"  {us:8.1f} us  {e.count / 10:4.1f} launch(es)  {e.key[:100]}")
         print(f"  {total:8.1f} us  total GPU time per step")
+        print(f"  {wall_us(step):8.1f} us  GPU wall time per step (10 back to back; keep="
+              f"{args.keep})")
         if not kernels:  # an older profiler without device_type on the averages
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
 

@@ -1,10 +1,17 @@
 // The adapter core on cuBLAS (through ATen): the frozen base GEMM with the bias in its epilogue,
-// the down-projection U = x_a A^T, and the up-projection accumulated into the base output with
-// beta = 1 (no extra pass over y). The backward puts gY W and gU A into one buffer.
+// the down-projection U = x_a A^T, and the adapter's share either merged into the weight
+// (W + B A, one GEMM) or accumulated into the base output with beta = 1 (no extra output
+// buffer). On the merged path the skinny GEMMs run on a side stream beside the base GEMM.
 #include "common.h"
+
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <atomic>
 #include <cstdlib>
+#include <mutex>
+#include <vector>
 
 namespace polykern {
 
@@ -78,11 +85,19 @@ static std::vector<int64_t> out_shape(const Tensor& x, int64_t m) {
 // once more (beta = 1): 2 N m elements of traffic and 2 N m R FLOPs. The merged path instead
 // builds W_m = W + B A (read W, write W_m: 2 m n elements, 2 m n R FLOPs) and runs the base GEMM
 // on it, so it pays when N > n (forward; N > m for gX in the backward). A margin of 1.5x keeps
-// the small merge GEMM's lower efficiency on the right side. The backward rebuilds W_m rather
-// than keeping it (it is as large as the frozen weight; keeping one per layer would double the
-// model's weight memory). Rounding: W_m is rounded to the compute dtype once, which adds an
-// error of the size of the output's own rounding (tests/test_ops_cuda.py checks both paths).
+// the small merge GEMM's lower efficiency on the right side. Rounding: W_m is rounded to the
+// compute dtype once, which adds an error of the size of the output's own rounding
+// (tests/test_ops_cuda.py checks both paths).
+//
+// Keeping W_m for the backward (version 8) saves the backward's merge (one more read of W and
+// write of W_m, 22 us at 4096 x 4096 on the H100) at the cost of holding an (m, n) copy from
+// the forward to the backward. `auto` keeps it when that copy is at most half the size of the
+// adapter input x (N, n), which the op saves anyway: N >= 2 m, so the layer's saved memory grows
+// by at most half. Large-N training steps (the main benchmark case: N = 8192, m = 4096) keep
+// it; layers with a wide output (m = 14336) or few rows rebuild it. Only the eager autograd node
+// asks for it (the `keep_merged` argument); the registered autograd formula rebuilds.
 static std::atomic<int> g_merge_policy{0};  // 0 auto, 1 always, 2 never
+static std::atomic<int> g_keep_policy{0};   // 0 auto, 1 always (when merged), 2 never
 
 void set_merge_policy(int64_t policy) {
   TORCH_CHECK(policy >= 0 && policy <= 2, "polykern: merge policy must be 0 (auto), 1 (always) "
@@ -92,10 +107,25 @@ void set_merge_policy(int64_t policy) {
 
 int64_t get_merge_policy() { return g_merge_policy.load(); }
 
+void set_keep_policy(int64_t policy) {
+  TORCH_CHECK(policy >= 0 && policy <= 2, "polykern: keep policy must be 0 (auto), 1 (always) "
+              "or 2 (never), got ", num(policy));
+  g_keep_policy.store(static_cast<int>(policy));
+}
+
+int64_t get_keep_policy() { return g_keep_policy.load(); }
+
 static bool merge_pays(int64_t rows, int64_t reduced_dim) {
   const int p = g_merge_policy.load();
   if (p != 0) return p == 1;
   return 2 * rows >= 3 * reduced_dim;
+}
+
+// Whether a forward that took the merged path keeps W_m (m, n) for the backward.
+static bool keep_pays(int64_t rows, int64_t m) {
+  const int p = g_keep_policy.load();
+  if (p != 0) return p == 1;
+  return rows >= 2 * m && merge_pays(rows, m);  // the backward would merge too
 }
 
 // W_m = W + B A (m, n): one cuBLASLt matmul with C = W and D = W_m as separate buffers
@@ -128,32 +158,122 @@ Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tens
   return base_plus_adapter(x2, W, bias, A, B, Tensor(), merged).view(out_shape(x, W.size(0)));
 }
 
+// ---- the side stream (version 8) -------------------------------------------------------------
+// On the merged path the long base GEMM (compute-bound) and the adapter's skinny GEMMs
+// (memory-bound: U = x_a A^T in the forward; the gY pass and gA_gen = gU^T x_a in the backward)
+// do not depend on each other, so the skinny ones run on a second stream, forked from the
+// caller's stream after the merge and joined back before the op returns. The base GEMM does not
+// fill every SM for all of its time (its last wave is partial), and the skinny GEMMs fill the
+// gaps: measured with bench/overlap_probe.py on the H100 (torch's GEMMs, N = 8192,
+// n = m = 4096), U at R = 16 next to the base GEMM saved 14-16 of its 27 us, at R = 152 6-8 of
+// 30 us. Results are the same bit for bit (the same kernels run). Tensors made on the side
+// stream and used later on the caller's are recorded on it (record_stream), so the caching
+// allocator does not hand their memory to the side stream while the caller still reads them.
+// CUDA graph capture follows the fork and join (events). POLYKERN_OVERLAP=0 turns it off.
+static bool overlap_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("POLYKERN_OVERLAP");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
+// One side stream per device (from torch's pool), so that cuBLASLt's per-stream workspace is
+// allocated once, not once per pool stream.
+static c10::cuda::CUDAStream side_stream(c10::DeviceIndex device) {
+  static std::mutex mu;
+  static std::vector<std::optional<c10::cuda::CUDAStream>> streams;
+  std::lock_guard<std::mutex> lock(mu);
+  if (streams.size() <= static_cast<size_t>(device)) streams.resize(device + 1);
+  auto& s = streams[device];
+  if (!s.has_value()) s = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device);
+  return *s;
+}
+
+class SideStream {
+ public:
+  // Forks here: work run() queues waits for everything queued on the caller's stream so far.
+  explicit SideStream(bool wanted)
+      : main_(c10::cuda::getCurrentCUDAStream()), on_(wanted && overlap_enabled()) {
+    if (!on_) return;
+    side_ = side_stream(main_.device_index());
+    fork_.record(main_);
+    fork_.block(*side_);
+  }
+  template <typename F>
+  void run(F&& f) {
+    if (!on_) return f();
+    const c10::cuda::CUDAStreamGuard guard(*side_);
+    f();
+  }
+  // a tensor made by run() that the caller's stream uses after the join
+  void hand_over(const Tensor& t) {
+    if (on_ && t.defined() && t.numel() > 0) t.record_stream(main_);
+  }
+  void join() {
+    if (!on_) return;
+    join_.record(*side_);
+    join_.block(main_);
+  }
+
+ private:
+  c10::cuda::CUDAStream main_;
+  std::optional<c10::cuda::CUDAStream> side_;
+  bool on_;
+  at::cuda::CUDAEvent fork_, join_;
+};
+
 // Launch order: on the merged path the long base GEMM is queued before U = x_a A^T (and in the
 // backward gX before gU), so that the GPU starts it one launch earlier; the host, which costs
 // tens of microseconds per launch on the H100 machine, then queues the rest while it runs.
-std::tuple<Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor& W,
-                                           const std::optional<Tensor>& bias, const Tensor& A,
-                                           const Tensor& B,
-                                           const std::optional<Tensor>& x_adapter) {
+std::tuple<Tensor, Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor& W,
+                                                   const std::optional<Tensor>& bias,
+                                                   const Tensor& A, const Tensor& B,
+                                                   const std::optional<Tensor>& x_adapter,
+                                                   bool keep_merged) {
   const int64_t n = W.size(1), m = W.size(0);
   const Tensor x2 = x.reshape({-1, n});                                   // (N, n)
   const Tensor xa2 = x_adapter.has_value() ? x_adapter->reshape({-1, n}) : x2;
   // with dropout the adapter's input differs from x: no merged operand exists
   const bool merged = !x_adapter.has_value() && x2.size(0) > 0 && merge_pays(x2.size(0), n);
-  Tensor U = merged ? Tensor() : fast_mm(xa2, A.t());                     // (N, R)
-  Tensor y = base_plus_adapter(x2, W, bias, A, B, U, merged);
-  if (merged) U = fast_mm(xa2, A.t());
-  return {y.view(out_shape(x, m)), U};
+  const bool keep = keep_merged && merged && keep_pays(x2.size(0), m);
+  Tensor U, y, Wm;
+  if (merged) {
+    Wm = merged_weight(W, A, B);
+    SideStream side(true);                                                // forks after the merge
+    y = bias.has_value() ? at::addmm(*bias, x2, Wm.t()) : at::mm(x2, Wm.t());
+    side.run([&] { U = fast_mm(xa2, A.t()); });                           // (N, R), beside y
+    side.hand_over(U);
+    side.join();
+    if (!keep) Wm = Tensor();
+  } else {
+    U = fast_mm(xa2, A.t());
+    y = base_plus_adapter(x2, W, bias, A, B, U, false);
+  }
+  if (!Wm.defined()) Wm = at::empty({0}, x.options());
+  return {y.view(out_shape(x, m)), U, Wm};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
     const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& x_adapter,
     const Tensor& W, const Tensor& A, const Tensor& B, const Tensor& U, bool need_x,
-    bool need_xa, bool need_factors) {
+    bool need_xa, bool need_factors, const std::optional<Tensor>& W_merged) {
   const int64_t n = W.size(1), m = W.size(0);
   const Tensor gy = grad_y.reshape({-1, m});                              // (N, m)
   const bool separate = x_adapter.has_value();
-  const bool merged = need_x && !separate && gy.size(0) > 0 && merge_pays(gy.size(0), m);
+  // W_m kept by the forward (an empty tensor when it was not): gY W_m costs no merge
+  const bool kept = W_merged.has_value() && W_merged->numel() > 0;
+  if (kept) {
+    check_cuda(*W_merged, "W_merged", x);
+    TORCH_CHECK(!separate, "polykern: W_merged was given with a separate adapter input "
+                "(dropout): the merged weight does not apply there");
+    TORCH_CHECK(W_merged->sizes() == W.sizes() && W_merged->scalar_type() == grad_y.scalar_type(),
+                "polykern: W_merged must have the weight's shape ", shape(W.sizes()),
+                " and grad_y's dtype ", grad_y.scalar_type(), ", got ", shape(W_merged->sizes()),
+                " ", W_merged->scalar_type());
+  }
+  const bool merged =
+      need_x && !separate && gy.size(0) > 0 && (kept || merge_pays(gy.size(0), m));
   const bool need_gU = need_factors || need_xa || (need_x && !separate && !merged);
   // gU and gB from one read of gY where the fused kernel takes the operands (small R)
   const bool fused = need_factors && gy_pass_takes(gy, B, U);
@@ -162,22 +282,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
     if (fused) std::tie(gU, gB) = gy_pass(gy, B, U);                     // (N, R), (m, R)
     else gU = fast_mm(gy, B);                                             // (N, R)
   };
-  if (need_gU && !merged) down();
-  if (need_x) {
-    if (merged) {
-      gX = at::mm(gy, merged_weight(W, A, B));                            // gY (W + B A)
-    } else {
-      gX = at::mm(gy, W);                                                 // (N, n)
-      if (!separate) fast_addmm_(gX, gU, A);                              // adapter share, beta=1
-    }
-    gX = gX.view(x.sizes());
-  }
-  if (need_gU && merged) down();                                          // after the long GEMM
-  if (need_xa && separate) gXa = fast_mm(gU, A).view(x.sizes());
-  if (need_factors) {
+  auto factors = [&] {
+    if (!need_factors) return;
     const Tensor xa2 = separate ? x_adapter->reshape({-1, n}) : x.reshape({-1, n});
     gA = fast_mm(gU.t(), xa2);                                            // (R, n)
     if (!fused) gB = fast_mm(gy.t(), U);                                  // (m, R)
+  };
+  if (merged) {
+    const Tensor Wm = kept ? *W_merged : merged_weight(W, A, B);
+    SideStream side(need_gU);                                             // forks after the merge
+    gX = at::mm(gy, Wm).view(x.sizes());                                  // gY (W + B A)
+    side.run([&] {                                                        // beside gX
+      if (need_gU) down();
+      factors();
+    });
+    for (const Tensor* t : {&gU, &gA, &gB}) side.hand_over(*t);
+    side.join();
+  } else {
+    if (need_gU) down();
+    if (need_x) {
+      gX = at::mm(gy, W);                                                 // (N, n)
+      if (!separate) fast_addmm_(gX, gU, A);                              // adapter share, beta=1
+      gX = gX.view(x.sizes());
+    }
+    if (need_xa && separate) gXa = fast_mm(gU, A).view(x.sizes());
+    factors();
   }
   auto empty = [&](Tensor& t) { if (!t.defined()) t = at::empty({0}, x.options()); };
   empty(gX); empty(gXa); empty(gA); empty(gB);

@@ -32,20 +32,24 @@ void check_cuda(const Tensor& t, const char* name, const Tensor& like);
 void check_float(const Tensor& t, const char* name);
 
 // Forward core shared by both methods: y = x W^T + bias + U B^T with U = x_a A^T.
-//   x (..., n), W (m, n), A (R, n), B (m, R) [scaling folded in]; returns (y (..., m), U (N, R)).
-std::tuple<Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor& W,
-                                           const std::optional<Tensor>& bias, const Tensor& A,
-                                           const Tensor& B,
-                                           const std::optional<Tensor>& x_adapter);
+//   x (..., n), W (m, n), A (R, n), B (m, R) [scaling folded in]; returns (y (..., m), U (N, R),
+//   W_m): W_m = W + B A (m, n) when `keep_merged` is asked, the forward took the merged path and
+//   the keep policy (set_keep_policy) says keeping pays; else an empty tensor.
+std::tuple<Tensor, Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor& W,
+                                                   const std::optional<Tensor>& bias,
+                                                   const Tensor& A, const Tensor& B,
+                                                   const std::optional<Tensor>& x_adapter,
+                                                   bool keep_merged);
 
 // Backward core: returns (gX, gXa, gA, gB) where gA = dL/dA (R, n), gB = dL/dB (m, R) in the
 // compute dtype; each is an empty tensor when not asked for.
 //   need_x: gX (= gY W, plus gU A when there is no separate adapter input);
 //   need_xa: gXa = gU A (only with x_adapter); need_factors: gA, gB.
+//   W_merged: the forward's kept W_m (or absent / empty): gX = gY W_m without a merge.
 std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
     const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& x_adapter,
     const Tensor& W, const Tensor& A, const Tensor& B, const Tensor& U, bool need_x,
-    bool need_xa, bool need_factors);
+    bool need_xa, bool need_factors, const std::optional<Tensor>& W_merged);
 
 // Inference core (no U, nothing saved): y = x W^T + bias + (x A^T) B^T, merged as W + B A when
 // that costs fewer bytes (see merge_pays in adapter_core.cpp).
@@ -57,6 +61,10 @@ Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tens
 // 2 = never (the beta = 1 accumulation of the adapter's share).
 void set_merge_policy(int64_t policy);
 int64_t get_merge_policy();
+// Whether a merged forward keeps W_m for the backward (adapter_core.cpp): 0 = auto (when the
+// backward merges too and W_m is at most half the size of x: N >= 2 m), 1 = always, 2 = never.
+void set_keep_policy(int64_t policy);
+int64_t get_keep_policy();
 
 // The adapter's GEMMs on cuBLASLt (lt_gemm.cpp), torch's row-major semantics, bf16/fp16 with a
 // plan (descriptors, algorithm timed once) per shape; other dtypes and layouts go to ATen.

@@ -754,17 +754,18 @@ std::tuple<Tensor, Tensor> genlora_expand_op(const Tensor& Z_A, const Tensor& C_
   return synth(p, scaling, dtype);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> genlora_linear_op(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> genlora_linear_op(
     const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias, const Tensor& Z_A,
     const Tensor& C_A, const Tensor& g_A, const Tensor& M_A, const Tensor& Z_B, const Tensor& C_B,
-    const Tensor& g_B, const Tensor& M_B, double scaling, const std::optional<Tensor>& x_adapter) {
+    const Tensor& g_B, const Tensor& M_B, double scaling, const std::optional<Tensor>& x_adapter,
+    bool keep_merged) {
   check_linear_inputs("genlora_linear", x, W, bias, x_adapter);
   GenParams p{Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B};
   check_genlora_params("genlora_linear", x, p, W.size(1), W.size(0));
   const c10::cuda::CUDAGuard guard(x.device());
   auto [A, B] = synth(p, scaling, x.scalar_type());
-  auto [y, U] = adapter_forward(x, W, bias, A, B, x_adapter);
-  return {y, U, A, B};
+  auto [y, U, W_merged] = adapter_forward(x, W, bias, A, B, x_adapter, keep_merged);
+  return {y, U, A, B, W_merged};
 }
 
 Tensor genlora_linear_inference_op(const Tensor& x, const Tensor& W,
@@ -786,11 +787,12 @@ genlora_linear_backward_op(const Tensor& grad_y, const Tensor& x,
                            const Tensor& Z_A, const Tensor& C_A, const Tensor& g_A,
                            const Tensor& M_A, const Tensor& Z_B, const Tensor& C_B,
                            const Tensor& g_B, const Tensor& M_B, double scaling, const Tensor& U,
-                           const Tensor& A, const Tensor& B, std::array<bool, 3> output_mask) {
+                           const Tensor& A, const Tensor& B, std::array<bool, 3> output_mask,
+                           const std::optional<Tensor>& W_merged) {
   check_cuda(grad_y, "grad_y", x);
   const c10::cuda::CUDAGuard guard(x.device());
   auto [gX, gXa, gA, gB] = adapter_backward(grad_y, x, x_adapter, W, A, B, U, output_mask[0],
-                                            output_mask[1], output_mask[2]);
+                                            output_mask[1], output_mask[2], W_merged);
   GenParams p{Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B};
   std::vector<Tensor> g;
   if (output_mask[2]) {

@@ -537,16 +537,16 @@ std::tuple<Tensor, Tensor> pera_expand_op(const Tensor& A, const Tensor& B, cons
   return expand(A, B, h, pair_i, pair_j, scaling, dtype);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> pera_linear_op(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pera_linear_op(
     const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias, const Tensor& A,
     const Tensor& B, const Tensor& h, const Tensor& pair_i, const Tensor& pair_j,
-    double scaling, const std::optional<Tensor>& x_adapter) {
+    double scaling, const std::optional<Tensor>& x_adapter, bool keep_merged) {
   check_linear_inputs("pera_linear", x, W, bias, x_adapter);
   check_pera_params("pera_linear", x, A, B, h, pair_i, pair_j, W.size(1), W.size(0));
   const c10::cuda::CUDAGuard guard(x.device());
   auto [A_hat, B_gen] = expand(A, B, h, pair_i, pair_j, scaling, x.scalar_type());
-  auto [y, U] = adapter_forward(x, W, bias, A_hat, B_gen, x_adapter);
-  return {y, U, A_hat, B_gen};
+  auto [y, U, W_merged] = adapter_forward(x, W, bias, A_hat, B_gen, x_adapter, keep_merged);
+  return {y, U, A_hat, B_gen, W_merged};
 }
 
 Tensor pera_linear_inference_op(const Tensor& x, const Tensor& W,
@@ -564,12 +564,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pera_linear_backward_op(
     const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& x_adapter,
     const Tensor& W, const Tensor& A, const Tensor& B, const Tensor& h, const Tensor& pair_i,
     const Tensor& pair_j, double scaling, const Tensor& U, const Tensor& A_hat,
-    const Tensor& B_gen, std::array<bool, 3> output_mask) {
+    const Tensor& B_gen, std::array<bool, 3> output_mask,
+    const std::optional<Tensor>& W_merged) {
   check_cuda(grad_y, "grad_y", x);
   const c10::cuda::CUDAGuard guard(x.device());
   auto [gX, gXa, gA_hat, gB_gen] = adapter_backward(grad_y, x, x_adapter, W, A_hat, B_gen, U,
                                                     output_mask[0], output_mask[1],
-                                                    output_mask[2]);
+                                                    output_mask[2], W_merged);
   Tensor gA, gB, gh;
   if (output_mask[2]) {
     std::tie(gA, gB, gh) = expand_backward(gA_hat, gB_gen, A, B, h, pair_i, pair_j, scaling);

@@ -6,9 +6,12 @@
 // PERA:    A (r, n), B (m, r), h (P,), pair_i/pair_j (P,) int64; R = r + P.
 // GenLoRA: Z_A (n, d), C_A (K, d), g_A (K,), M_A (r, K), Z_B (m, d), C_B (K, d), g_B (K,),
 //          M_B (K, r); R = r.
-// Forward ops return (y, U, A_gen, B_gen): y (..., m); U = x_a A_gen^T (N, R); the generated
-// factors A_gen (R, n) and B_gen = scaling * B_hat (m, R) in the compute dtype (x's), saved for
-// the backward. x_adapter (the adapter path's input after dropout) defaults to x.
+// Forward ops return (y, U, A_gen, B_gen, W_merged): y (..., m); U = x_a A_gen^T (N, R); the
+// generated factors A_gen (R, n) and B_gen = scaling * B_hat (m, R) in the compute dtype (x's),
+// saved for the backward; W_merged = W + B_gen A_gen (m, n) when keep_merged is set and the
+// forward merged and the keep policy says keeping pays (else an empty tensor), which the backward
+// then takes instead of merging again. x_adapter (the adapter path's input after dropout)
+// defaults to x.
 // Backward ops take output_mask = [grad x, grad x_adapter, grads of the adapter parameters] and
 // return empty tensors for what is not asked.
 #include <Python.h>
@@ -27,21 +30,23 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(polykern, m) {
   m.def(
       "pera_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor h, "
-      "Tensor pair_i, Tensor pair_j, float scaling, Tensor? x_adapter) "
-      "-> (Tensor y, Tensor U, Tensor A_hat, Tensor B_hat)");
+      "Tensor pair_i, Tensor pair_j, float scaling, Tensor? x_adapter, bool keep_merged=False) "
+      "-> (Tensor y, Tensor U, Tensor A_hat, Tensor B_hat, Tensor W_merged)");
   m.def(
       "pera_linear_backward(Tensor grad_y, Tensor x, Tensor? x_adapter, Tensor weight, Tensor A, "
       "Tensor B, Tensor h, Tensor pair_i, Tensor pair_j, float scaling, Tensor U, Tensor A_hat, "
-      "Tensor B_hat, bool[3] output_mask) "
+      "Tensor B_hat, bool[3] output_mask, Tensor? W_merged=None) "
       "-> (Tensor grad_x, Tensor grad_x_adapter, Tensor grad_A, Tensor grad_B, Tensor grad_h)");
   m.def(
       "genlora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor Z_A, Tensor C_A, Tensor g_A, "
       "Tensor M_A, Tensor Z_B, Tensor C_B, Tensor g_B, Tensor M_B, float scaling, "
-      "Tensor? x_adapter) -> (Tensor y, Tensor U, Tensor A, Tensor B)");
+      "Tensor? x_adapter, bool keep_merged=False) "
+      "-> (Tensor y, Tensor U, Tensor A, Tensor B, Tensor W_merged)");
   m.def(
       "genlora_linear_backward(Tensor grad_y, Tensor x, Tensor? x_adapter, Tensor weight, "
       "Tensor Z_A, Tensor C_A, Tensor g_A, Tensor M_A, Tensor Z_B, Tensor C_B, Tensor g_B, "
-      "Tensor M_B, float scaling, Tensor U, Tensor A, Tensor B, bool[3] output_mask) "
+      "Tensor M_B, float scaling, Tensor U, Tensor A, Tensor B, bool[3] output_mask, "
+      "Tensor? W_merged=None) "
       "-> (Tensor grad_x, Tensor grad_x_adapter, Tensor grad_Z_A, Tensor grad_C_A, "
       "Tensor grad_g_A, Tensor grad_M_A, Tensor grad_Z_B, Tensor grad_C_B, Tensor grad_g_B, "
       "Tensor grad_M_B)");
@@ -66,6 +71,9 @@ TORCH_LIBRARY(polykern, m) {
   // Path choice of the adapter core (see common.h): 0 auto, 1 always merge, 2 never merge.
   m.def("set_merge_policy(int policy) -> ()", &polykern::set_merge_policy);
   m.def("get_merge_policy() -> int", &polykern::get_merge_policy);
+  // Whether a merged forward keeps W + B_gen A_gen for the backward: 0 auto, 1 always, 2 never.
+  m.def("set_keep_policy(int policy) -> ()", &polykern::set_keep_policy);
+  m.def("get_keep_policy() -> int", &polykern::get_keep_policy);
   // The adapter core's GEMM helper (csrc/lt_gemm.cpp) by itself, for tests: X Y (+ C).
   m.def("_adapter_gemm(Tensor X, Tensor Y, Tensor? C=None) -> Tensor");
   // The fused gY pass (csrc/gy_pass.cu) by itself, for tests: (grad_y B, grad_y^T U), and

@@ -2,16 +2,19 @@
 ``csrc/*.cu``), with their fake (meta) implementations and autograd formulas.
 
 One forward op and one backward op per method, so that a training step costs two dispatches on the
-host: ``pera_linear`` / ``genlora_linear`` return ``(y, U, A, B)`` where ``U = x_a A^T (N, R)`` and
-the generated factors ``A (R, in)`` and ``B (out, R)`` (scaling folded into B, compute dtype) are
-kept for the backward; ``*_linear_backward`` returns the input gradients and, through the
-generator's chain rule, the gradients of the adapter parameters.
+host: ``pera_linear`` / ``genlora_linear`` return ``(y, U, A, B, W_merged)`` where
+``U = x_a A^T (N, R)`` and the generated factors ``A (R, in)`` and ``B (out, R)`` (scaling folded
+into B, compute dtype) are kept for the backward, and ``W_merged = W + B A`` when the caller asked
+for it (``keep_merged``), the forward merged and the keep policy says keeping pays (else an empty
+tensor); ``*_linear_backward`` returns the input gradients and, through the generator's chain
+rule, the gradients of the adapter parameters.
 
 The entry points below pick one of three ops per call: ``*_linear_eager`` in plain eager autograd
 (one C++ autograd node, ``csrc/autograd.cpp``), ``*_linear_inference`` when nothing needs a
 gradient (y alone), and ``*_linear`` with the autograd formula registered here under
 ``torch.compile`` and ``torch.func``. ``set_merge_policy`` chooses how the adapter core adds the
-adapter's share (``csrc/README.md``).
+adapter's share, and whether the eager path keeps the merged weight for the backward
+(``csrc/README.md``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ except ImportError as e:  # no CUDA build: the reference path serves
 
 __all__ = ["cuda_available", "extension_loaded", "pera_linear", "genlora_linear",
            "pera_expand", "genlora_expand", "set_merge_policy", "get_merge_policy",
-           "merge_policy"]
+           "get_keep_policy", "merge_policy"]
 
 
 def extension_loaded() -> bool:
@@ -63,26 +66,29 @@ def cuda_available() -> bool:
 # Fake implementations (shapes only), so torch.compile and opcheck can trace the ops.
 # ------------------------------------------------------------------------------------------------
 if extension_loaded():
-    def _fake_forward(x, weight, R):
+    def _fake_forward(x, weight, R, x_adapter, keep_merged):
         n, m = x.shape[-1], weight.shape[0]
         N = math.prod(x.shape[:-1])
         y = x.new_empty((*x.shape[:-1], m))
-        return (y, x.new_empty((N, R)), x.new_empty((R, n)), x.new_empty((m, R)))
+        keeps = keep_merged and x_adapter is None and _keeps_merged(N, n, m)
+        W_merged = x.new_empty((m, n) if keeps else (0,))
+        return (y, x.new_empty((N, R)), x.new_empty((R, n)), x.new_empty((m, R)), W_merged)
 
     @torch.library.register_fake("polykern::pera_linear")
-    def _(x, weight, bias, A, B, h, pair_i, pair_j, scaling, x_adapter):
+    def _(x, weight, bias, A, B, h, pair_i, pair_j, scaling, x_adapter, keep_merged=False):
         torch._check(x.shape[-1] == A.shape[1], lambda: "x and lora_A disagree on in_features")
         torch._check(weight.shape[1] == A.shape[1], lambda: "weight and lora_A disagree on in")
         torch._check(B.shape[0] == weight.shape[0], lambda: "lora_B and weight disagree on out")
         # R from h's (static) length, not pair_i's: under torch.compile the cached pair tensors
         # are constants whose sizes would be unbacked symbols.
-        return _fake_forward(x, weight, A.shape[0] + h.shape[0])
+        return _fake_forward(x, weight, A.shape[0] + h.shape[0], x_adapter, keep_merged)
 
     @torch.library.register_fake("polykern::genlora_linear")
-    def _(x, weight, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling, x_adapter):
+    def _(x, weight, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling, x_adapter,
+          keep_merged=False):
         torch._check(x.shape[-1] == Z_A.shape[0], lambda: "x and the A latent disagree on in")
         torch._check(weight.shape[0] == Z_B.shape[0], lambda: "weight and the B latent disagree")
-        return _fake_forward(x, weight, M_A.shape[0])
+        return _fake_forward(x, weight, M_A.shape[0], x_adapter, keep_merged)
 
     def _empty_like_or_none(t, needed):
         # the real kernels return contiguous tensors (or an empty one when not asked for)
@@ -90,7 +96,7 @@ if extension_loaded():
 
     @torch.library.register_fake("polykern::pera_linear_backward")
     def _(grad_y, x, x_adapter, weight, A, B, h, pair_i, pair_j, scaling, U, A_hat, B_hat,
-          output_mask):
+          output_mask, W_merged=None):
         gx, gxa, gp = output_mask
         return (_empty_like_or_none(x, gx),
                 _empty_like_or_none(x, gxa and x_adapter is not None),
@@ -99,7 +105,7 @@ if extension_loaded():
 
     @torch.library.register_fake("polykern::genlora_linear_backward")
     def _(grad_y, x, x_adapter, weight, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling, U, A, B,
-          output_mask):
+          output_mask, W_merged=None):
         gx, gxa, gp = output_mask
         return (_empty_like_or_none(x, gx),
                 _empty_like_or_none(x, gxa and x_adapter is not None),
@@ -141,44 +147,48 @@ if extension_loaded():
     def _setup(ctx, inputs, output, n_params, scaling_idx):
         x, weight, bias = inputs[:3]
         params = inputs[3:3 + n_params]
-        x_adapter = inputs[-1]
-        _, U, A_gen, B_gen = output
-        # U and the generated factors are kept for the backward, not to be differentiated
-        ctx.mark_non_differentiable(U, A_gen, B_gen)
+        x_adapter = inputs[scaling_idx + 1]
+        _, U, A_gen, B_gen, W_merged = output
+        # U, the generated factors (and W_merged) are kept for the backward, not differentiated
+        ctx.mark_non_differentiable(U, A_gen, B_gen, W_merged)
         ctx.scaling = inputs[scaling_idx]
-        ctx.save_for_backward(x, x_adapter, weight, U, A_gen, B_gen, *params)
+        ctx.save_for_backward(x, x_adapter, weight, U, A_gen, B_gen, W_merged, *params)
 
-    def _mask(ctx, x_adapter, param_slice):
+    def _mask(ctx, x_adapter, param_slice, xa_idx):
         return [bool(ctx.needs_input_grad[0]),
-                bool(x_adapter is not None and ctx.needs_input_grad[-1]),
+                bool(x_adapter is not None and ctx.needs_input_grad[xa_idx]),
                 any(ctx.needs_input_grad[param_slice])]
+
+    def _kept(W_merged):
+        return W_merged if W_merged.numel() > 0 else None
 
     def _pera_setup(ctx, inputs, output):
         _setup(ctx, inputs, output, 5, 8)   # saved: A, B, h, pair_i, pair_j; scaling at 8
 
-    def _pera_backward(ctx, grad_y, _gU, _gA, _gB):
-        x, x_adapter, weight, U, A_hat, B_hat, A, B, h, pair_i, pair_j = ctx.saved_tensors
+    def _pera_backward(ctx, grad_y, _gU, _gA, _gB, _gW):
+        x, x_adapter, weight, U, A_hat, B_hat, W_merged, A, B, h, pair_i, pair_j = \
+            ctx.saved_tensors
         gx, gxa, gA, gB, gh = torch.ops.polykern.pera_linear_backward(
             grad_y, x, x_adapter, weight, A, B, h, pair_i, pair_j, ctx.scaling, U, A_hat, B_hat,
-            _mask(ctx, x_adapter, slice(3, 6)))
+            _mask(ctx, x_adapter, slice(3, 6), 9), _kept(W_merged))
         gW, gb = _base_grads(ctx, grad_y, x, weight)
         n = ctx.needs_input_grad
         return (gx if n[0] else None, gW, gb, gA if n[3] else None, gB if n[4] else None,
-                gh if n[5] else None, None, None, None, gxa if n[9] else None)
+                gh if n[5] else None, None, None, None, gxa if n[9] else None, None)
 
     def _genlora_setup(ctx, inputs, output):
         _setup(ctx, inputs, output, 8, 11)
 
-    def _genlora_backward(ctx, grad_y, _gU, _gA, _gB):
-        x, x_adapter, weight, U, A, B, *params = ctx.saved_tensors
+    def _genlora_backward(ctx, grad_y, _gU, _gA, _gB, _gW):
+        x, x_adapter, weight, U, A, B, W_merged, *params = ctx.saved_tensors
         grads = torch.ops.polykern.genlora_linear_backward(
             grad_y, x, x_adapter, weight, *params, ctx.scaling, U, A, B,
-            _mask(ctx, x_adapter, slice(3, 11)))
+            _mask(ctx, x_adapter, slice(3, 11), 12), _kept(W_merged))
         gW, gb = _base_grads(ctx, grad_y, x, weight)
         n = ctx.needs_input_grad
         gparams = [g if n[3 + k] else None for k, g in enumerate(grads[2:])]
         return (grads[0] if n[0] else None, gW, gb, *gparams, None,
-                grads[1] if n[12] else None)
+                grads[1] if n[12] else None, None)
 
     torch.library.register_autograd("polykern::pera_linear", _pera_backward,
                                     setup_context=_pera_setup)
@@ -203,37 +213,71 @@ def _eager() -> bool:
 _POLICIES = {"auto": 0, "always": 1, "never": 2}
 
 
-def set_merge_policy(policy: str) -> None:
+def _policy_code(policy: str, what: str) -> int:
+    if policy not in _POLICIES:
+        raise ValueError(f"unknown {what} policy {policy!r}: expected one of {tuple(_POLICIES)}")
+    if not extension_loaded():
+        raise RuntimeError(f"polykern: the CUDA extension is not loaded; the {what} policy only "
+                           "applies to the CUDA ops")
+    return _POLICIES[policy]
+
+
+def _policy_name(code: int) -> str:
+    return next(k for k, v in _POLICIES.items() if v == code)
+
+
+def set_merge_policy(policy: str, keep: Optional[str] = None) -> None:
     """How the CUDA adapter core adds the adapter's share to y (forward) and gX (backward):
     ``"auto"`` (default) merges ``W + s B_hat A_hat`` into one GEMM operand when the rows N exceed
     1.5x the reduced dimension (fewer bytes than a second pass over the activation), ``"always"``
     merges, ``"never"`` accumulates ``U B_hat^T`` into y with beta = 1. Process-wide; both give
-    the same result up to rounding (see csrc/README.md)."""
-    if policy not in _POLICIES:
-        raise ValueError(f"unknown merge policy {policy!r}: expected one of {tuple(_POLICIES)}")
-    if not extension_loaded():
-        raise RuntimeError("polykern: the CUDA extension is not loaded; the merge policy only "
-                           "applies to the CUDA ops")
-    torch.ops.polykern.set_merge_policy(_POLICIES[policy])
+    the same result up to rounding (see csrc/README.md).
+
+    ``keep`` (left as it is when ``None``): whether a merged training forward in eager mode keeps
+    the merged weight for the backward instead of building it again there. ``"auto"`` (default)
+    keeps it when the backward would merge too and the copy is at most half the size of the
+    layer's input, which the layer saves anyway (N >= 2 out_features); ``"always"`` keeps it
+    whenever the forward merged; ``"never"`` rebuilds. The gradients are the same bit for bit."""
+    code = _policy_code(policy, "merge")
+    keep_code = None if keep is None else _policy_code(keep, "keep")
+    torch.ops.polykern.set_merge_policy(code)
+    if keep_code is not None:
+        torch.ops.polykern.set_keep_policy(keep_code)
 
 
 def get_merge_policy() -> str:
     """The current merge policy (see :func:`set_merge_policy`)."""
     if not extension_loaded():
         return "auto"
-    code = torch.ops.polykern.get_merge_policy()
-    return next(k for k, v in _POLICIES.items() if v == code)
+    return _policy_name(torch.ops.polykern.get_merge_policy())
+
+
+def get_keep_policy() -> str:
+    """Whether merged forwards keep the merged weight (``keep`` of :func:`set_merge_policy`)."""
+    if not extension_loaded():
+        return "auto"
+    return _policy_name(torch.ops.polykern.get_keep_policy())
+
+
+def _keeps_merged(N, n: int, m: int) -> bool:
+    """The C++ keep decision (adapter_core.cpp) for a forward of N rows, given that the caller
+    asked for the merged weight: the forward merges and the keep policy says keeping pays."""
+    merge, keep = torch.ops.polykern.get_merge_policy(), torch.ops.polykern.get_keep_policy()
+    merges = N > 0 and (merge == 1 or (merge == 0 and 2 * N >= 3 * n))
+    if not merges or keep == 2:
+        return False
+    return keep == 1 or (N >= 2 * m and (merge == 1 or 2 * N >= 3 * m))
 
 
 @contextlib.contextmanager
-def merge_policy(policy: str):
-    """Context manager form of :func:`set_merge_policy` (restores the previous policy)."""
-    old = get_merge_policy()
-    set_merge_policy(policy)
+def merge_policy(policy: str, keep: Optional[str] = None):
+    """Context manager form of :func:`set_merge_policy` (restores the previous policies)."""
+    old, old_keep = get_merge_policy(), get_keep_policy()
+    set_merge_policy(policy, keep)
     try:
         yield
     finally:
-        set_merge_policy(old)
+        set_merge_policy(old, old_keep)
 
 
 def _no_grad_needed(*tensors) -> bool:

@@ -24,6 +24,34 @@ def test_merge_policy_roundtrip_and_errors():
     assert ops.get_merge_policy() == "auto"
 
 
+def test_keep_policy_roundtrip_and_errors():
+    assert ops.get_keep_policy() == "auto"
+    with ops.merge_policy("always", keep="never"):
+        assert (ops.get_merge_policy(), ops.get_keep_policy()) == ("always", "never")
+        with ops.merge_policy("never"):  # keep left as it is
+            assert (ops.get_merge_policy(), ops.get_keep_policy()) == ("never", "never")
+        assert (ops.get_merge_policy(), ops.get_keep_policy()) == ("always", "never")
+    assert (ops.get_merge_policy(), ops.get_keep_policy()) == ("auto", "auto")
+    with pytest.raises(ValueError, match="unknown keep policy 'often'"):
+        ops.set_merge_policy("auto", keep="often")
+    with pytest.raises(RuntimeError, match="keep policy must be 0"):
+        torch.ops.polykern.set_keep_policy(3)
+    assert (ops.get_merge_policy(), ops.get_keep_policy()) == ("auto", "auto")
+
+
+@pytest.mark.parametrize("merge,keep,N,expected", [
+    ("auto", "auto", 8192, True), ("auto", "auto", 8191, False),   # N >= 2 m = 8192
+    ("auto", "auto", 100000, True), ("auto", "never", 8192, False),
+    ("auto", "always", 6144, True), ("auto", "always", 6143, False),  # merges from 1.5 n
+    ("always", "auto", 8192, True), ("always", "auto", 64, False), ("always", "always", 64, True),
+    ("never", "always", 8192, False), ("auto", "auto", 0, False)])
+def test_keep_decision(merge, keep, N, expected):
+    """The fake kernels' copy of the C++ keep decision, at n = m = 4096 (the C++ side is checked
+    against it on the GPU: tests/test_ops_cuda.py::test_kept_merged_weight)."""
+    with ops.merge_policy(merge, keep=keep):
+        assert ops._keeps_merged(N, 4096, 4096) is expected
+
+
 @pytest.mark.parametrize("name", ["pera_linear", "pera_linear_backward", "pera_linear_eager",
                                   "pera_linear_inference", "pera_expand", "genlora_linear",
                                   "genlora_linear_backward", "genlora_linear_eager",

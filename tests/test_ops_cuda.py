@@ -130,7 +130,7 @@ MERGE_CASES = [("pera", {"terms": "full"}, 9), ("pera", {"terms": "square"}, 64)
 @pytest.mark.parametrize("kind,cfg,r", MERGE_CASES)
 @pytest.mark.parametrize("dtype,adapter_dtype", [(d, d) for d in LOW] +
                          [(torch.bfloat16, torch.float32)])
-@pytest.mark.parametrize("policy", ["always", "never"])
+@pytest.mark.parametrize("policy", ["always", "always-keep", "never"])
 @pytest.mark.parametrize("layout", ["3d", "strided"])
 @pytest.mark.parametrize("n,m", [(37, 53), (64, 136)])
 def test_merge_policies_vs_reference(kind, cfg, r, dtype, adapter_dtype, policy, layout, n, m):
@@ -138,13 +138,15 @@ def test_merge_policies_vs_reference(kind, cfg, r, dtype, adapter_dtype, policy,
     accumulation), forward and every gradient, within 2x the same-dtype reference's error; the
     merged path rounds W + B A to the compute dtype once. (64, 136) with R a multiple of 8 takes
     the merge kernel's vector path (partial tiles in both directions), (37, 53) its scalar
-    path. The automatic choice is covered by the tests above (small N: unmerged) and by the
-    benchmark shapes (N >= 1.5 in: merged)."""
+    path. "always-keep": merged, and the backward takes the forward's merged weight. The
+    automatic choice is covered by the tests above (small N: unmerged) and by the benchmark
+    shapes (N >= 1.5 in: merged)."""
     layer = random_layer(kind, n, m, r, torch.float64, bias=(layout == "3d"), **cfg)
     x = torch.randn(3, 5, n, device=DEV, dtype=torch.float64)
     if layout == "strided":
         x = strided(torch.randn(70, n, device=DEV, dtype=torch.float64))
-    with ops.merge_policy(policy):
+    merge, keep = ("always", "always") if policy == "always-keep" else (policy, "never")
+    with ops.merge_policy(merge, keep=keep):
         fast = run(layer, x, dtype, adapter_dtype, use_ops=True)
     same = same_dtype_refs(layer, x, dtype, adapter_dtype)
     exact = run(layer, x.to(dtype).double(), torch.float64, torch.float64, use_ops=False)
@@ -152,6 +154,105 @@ def test_merge_policies_vs_reference(kind, cfg, r, dtype, adapter_dtype, policy,
     for name, f, s, e in zip(names, fast, same, exact):
         assert torch.isfinite(f).all(), f"{name}: non-finite values (unwritten output?)"
         assert_within_ref_error(f, s, e, what=f"{policy} {kind} r={r} {dtype} {name}")
+
+
+@pytest.mark.parametrize("kind", ["pera", "genlora"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kept_merged_weight(kind, dtype):
+    """The merged weight kept from the forward (keep policy): the forward op returns exactly the
+    merge GEMM's W + B_gen A_gen; a training step that keeps it gives the same output and
+    gradients bit for bit as one that rebuilds it; it stays allocated until the backward
+    (m n elements) exactly when the C++ decision says so, which the fake kernels' copy of the
+    decision (ops._keeps_merged) predicts, at N = 2 m and N = 2 m - 1 under "auto"."""
+    n, m = 64, 136
+    cfg = {"terms": "full"} if kind == "pera" else {"num_rbf": 32, "latent_dim": 3}
+    layer = random_layer(kind, n, m, 8, torch.float64, **cfg).to(dtype)
+    params = [p.detach() for p in layer.adapter_parameters()]
+    if kind == "pera":
+        pi, pj = ref.pera_pairs(8, "full", DEV)
+        fwd = torch.ops.polykern.pera_linear
+        extra = (*params, pi, pj, layer.scaling, None)
+    else:
+        fwd = torch.ops.polykern.genlora_linear
+        extra = (*params, layer.scaling, None)
+    x = torch.randn(2 * m, n, device=DEV, dtype=dtype)
+    with ops.merge_policy("always", keep="always"):
+        y, _, A, B, Wm = fwd(x, layer.weight, layer.bias, *extra, True)
+        y2, _, _, _, none = fwd(x, layer.weight, layer.bias, *extra)   # keep_merged=False
+    assert none.numel() == 0 and torch.equal(y, y2)
+    assert torch.equal(Wm, torch.ops.polykern._adapter_gemm(B, A, layer.weight))
+
+    def step(keep, N, x_grad=True):
+        xin = torch.randn(N, n, device=DEV, dtype=dtype,
+                          generator=torch.Generator(DEV).manual_seed(N)).requires_grad_(x_grad)
+        for p in layer.adapter_parameters():
+            p.grad = None
+        with ops.merge_policy("auto", keep=keep):
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            out = layer(xin)
+            held = torch.cuda.memory_allocated() - before - out.untyped_storage().nbytes()
+            out.backward(torch.randn(out.shape, device=DEV, dtype=dtype,
+                                     generator=torch.Generator(DEV).manual_seed(N + 1)))
+        grads = [xin.grad] + [p.grad for p in layer.adapter_parameters()]
+        return out, grads, held
+
+    for N in (2 * m, 2 * m - 1):
+        y_keep, g_keep, held_keep = step("always", N)
+        y_new, g_new, held_new = step("never", N)
+        assert torch.equal(y_keep, y_new)
+        for a, b in zip(g_keep, g_new):
+            assert torch.isfinite(a).all() and torch.equal(a, b)
+        wm = m * n * layer.weight.element_size()
+        # the kept copy, give or take the caching allocator's block rounding (512 B steps)
+        assert wm <= held_keep - held_new <= wm + 2048
+        _, _, held_auto = step("auto", N)
+        with ops.merge_policy("auto", keep="auto"):
+            expected = ops._keeps_merged(N, n, m)
+        assert expected is (N == 2 * m)
+        if expected:
+            assert wm <= held_auto - held_new <= wm + 2048
+        else:
+            assert abs(held_auto - held_new) <= 2048
+    # x frozen: the weight would serve no gX, so it is not kept
+    held = [step(k, 2 * m, x_grad=False)[2] for k in ("always", "never")]
+    assert abs(held[0] - held[1]) <= 2048
+
+
+@pytest.mark.parametrize("kind", ["pera", "genlora"])
+def test_side_stream_steps_repeat_exactly(kind):
+    """The merged path runs its skinny GEMMs on a side stream (adapter_core.cpp): steps whose
+    inputs and gradients are freed and reallocated between them (so the caching allocator hands
+    blocks back and forth between the streams) give the first step's results bit for bit, and
+    the same as a step queued on a non-default stream."""
+    n, m, N = 64, 136, 300
+    cfg = {"terms": "full"} if kind == "pera" else {"num_rbf": 32, "latent_dim": 3}
+    layer = random_layer(kind, n, m, 8, torch.float64, **cfg).to(torch.bfloat16)
+    x0 = torch.randn(N, n, device=DEV, dtype=torch.bfloat16)
+    gy0 = torch.randn(N, m, device=DEV, dtype=torch.bfloat16)
+
+    def step():
+        for p in layer.adapter_parameters():
+            p.grad = None
+        x = x0.clone().requires_grad_()
+        y = layer(x)
+        junk = [torch.randn(N, m, device=DEV) for _ in range(3)]  # reuse of freed blocks
+        y.backward(gy0.clone())
+        del junk
+        return [y.detach().clone(), x.grad] + [p.grad.clone() for p in layer.adapter_parameters()]
+
+    with ops.merge_policy("always", keep="always"):
+        first = step()
+        for _ in range(5):
+            for a, b in zip(first, step()):
+                assert torch.equal(a, b)
+        other = torch.cuda.Stream()
+        other.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(other):
+            on_other = step()
+        torch.cuda.current_stream().wait_stream(other)
+    for a, b in zip(first, on_other):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -334,7 +435,8 @@ def test_genlora_under_deterministic_algorithms(monkeypatch):
         return [xin.grad] + [p.grad for p in lay.adapter_parameters()]
     params = [p.detach() for p in layer32.adapter_parameters()]
     W, x32 = layer32.weight.detach(), x.float()
-    _, U, A, B = torch.ops.polykern.genlora_linear(x32, W, None, *params, layer32.scaling, None)
+    _, U, A, B, _ = torch.ops.polykern.genlora_linear(x32, W, None, *params, layer32.scaling,
+                                                      None)
     gy = torch.randn(4, 9, 53, device=DEV)
 
     def backward():
@@ -396,6 +498,8 @@ def test_opcheck():
             op = torch.ops.polykern.genlora_linear.default
             args = (x, layer.weight, layer.bias, *params, layer.scaling, None)
         torch.library.opcheck(op, args)
+        with ops.merge_policy("always", keep="always"):  # W_merged returned and taken back
+            torch.library.opcheck(op, args + (True,))
         with torch.no_grad():
             torch.library.opcheck(op, tuple(a.detach() if isinstance(a, torch.Tensor) else a
                                             for a in args))
@@ -457,7 +561,15 @@ def test_torch_compile_fullgraph_trains(kind):
 
 
 @pytest.mark.parametrize("kind", ["pera", "genlora"])
-def test_cuda_graph_capture_of_a_training_step(kind):
+@pytest.mark.parametrize("policy", ["auto", "always"])
+def test_cuda_graph_capture_of_a_training_step(kind, policy):
+    """Captured and replayed, a training step gives eager's gradients; "always" captures the
+    merged path, whose skinny GEMMs run on the side stream (fork and join inside the graph)."""
+    with ops.merge_policy(policy, keep="always" if policy == "always" else "auto"):
+        _capture_and_replay(kind)
+
+
+def _capture_and_replay(kind):
     torch.manual_seed(1)
     model = TinyNet(kind)
     with torch.no_grad():
@@ -509,6 +621,18 @@ def test_bad_inputs_on_cuda():
            h, pi, pj, 1.0, None)
     with pytest.raises(ValueError, match="input is on cpu"):
         layer(x.cpu())
+    _, U, A_hat, B_hat, _ = op(x, layer.weight, None, A, B, h, pi, pj, 1.0, None)
+    gy = torch.randn(3, 53, device=DEV, dtype=torch.bfloat16)
+    bwd = torch.ops.polykern.pera_linear_backward
+    with pytest.raises(RuntimeError, match="W_merged must have the weight's shape"):
+        bwd(gy, x, None, layer.weight, A, B, h, pi, pj, 1.0, U, A_hat, B_hat, [True, True, True],
+            layer.weight[:, :36])
+    with pytest.raises(RuntimeError, match="W_merged must be a CUDA tensor"):
+        bwd(gy, x, None, layer.weight, A, B, h, pi, pj, 1.0, U, A_hat, B_hat, [True, True, True],
+            layer.weight.cpu())
+    with pytest.raises(RuntimeError, match="separate adapter input"):
+        bwd(gy, x, x.clone(), layer.weight, A, B, h, pi, pj, 1.0, U, A_hat, B_hat,
+            [True, True, True], layer.weight)
     g = random_layer("genlora", 37, 53, 4, torch.float64).float()
     with pytest.raises(RuntimeError, match="num_rbf from 1 to 256"):
         p = g.adapter_parameters()
