@@ -14,9 +14,12 @@ for cls, cfg in ((polykern.PeraLinear, {"terms": "full"}), (polykern.PeraLinear,
                 p.add_(torch.randn_like(p) * 0.1)
         x = torch.randn(3, 7, 37, device="cuda", dtype=dtype, requires_grad=True)
         layer(x).float().square().sum().backward()
-        # the merged path: merged weight kept for the backward, skinny GEMMs on the side stream
-        with polykern.ops.merge_policy("always", keep="always"):
-            layer(x).float().square().sum().backward()
+        # skinny GEMMs on the side stream, merged path (merged weight kept) and unmerged
+        old = torch.ops.polykern._set_side_stream(2)
+        for policy in ("always", "never"):
+            with polykern.ops.merge_policy(policy, keep="always"):
+                layer(x).float().square().sum().backward()
+        torch.ops.polykern._set_side_stream(old)
 # the fused gY pass (csrc/gy_pass.cu): R = 16 and 8 (padded), partial tiles in both directions
 for N, m, R in ((70, 136, 16), (300, 72, 8)):
     gy = torch.randn(N, m, device="cuda", dtype=torch.bfloat16)

@@ -159,23 +159,47 @@ Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tens
 }
 
 // ---- the side stream (version 8) -------------------------------------------------------------
-// On the merged path the long base GEMM (compute-bound) and the adapter's skinny GEMMs
-// (memory-bound: U = x_a A^T in the forward; the gY pass and gA_gen = gU^T x_a in the backward)
-// do not depend on each other, so the skinny ones run on a second stream, forked from the
-// caller's stream after the merge and joined back before the op returns. The base GEMM does not
+// The long base GEMM (compute-bound) and the adapter's skinny GEMMs (memory-bound: U = x_a A^T
+// in the forward; the gY pass, gA_gen = gU^T x_a and gB_gen in the backward) do not depend on
+// each other, so the skinny ones run on a second stream, forked from the caller's stream (after
+// the merge on the merged path) and joined back before the op returns; on the unmerged path the
+// beta = 1 accumulation that needs both follows the join. The base GEMM does not
 // fill every SM for all of its time (its last wave is partial), and the skinny GEMMs fill the
 // gaps: measured with bench/overlap_probe.py on the H100 (torch's GEMMs, N = 8192,
 // n = m = 4096), U at R = 16 next to the base GEMM saved 14-16 of its 27 us, at R = 152 6-8 of
 // 30 us. Results are the same bit for bit (the same kernels run). Tensors made on the side
 // stream and used later on the caller's are recorded on it (record_stream), so the caching
 // allocator does not hand their memory to the side stream while the caller still reads them.
-// CUDA graph capture follows the fork and join (events). POLYKERN_OVERLAP=0 turns it off.
-static bool overlap_enabled() {
-  static const bool on = [] {
+// CUDA graph capture follows the fork and join (events). Mode 1 (default) forks only beside a
+// base GEMM of at least 2^36 multiply-adds (N n m; N = 4096 at 4096 x 4096, about 90 us on the
+// H100), where there is time to fill; below that the fork and join are host time for nothing.
+// Mode 0 (POLYKERN_OVERLAP=0 at start, or polykern::_set_side_stream) never forks, mode 2
+// always (tests: small shapes through the same code).
+static std::atomic<int> g_side_mode{-1};
+
+static int side_mode() {
+  int mode = g_side_mode.load();
+  if (mode < 0) {
     const char* v = std::getenv("POLYKERN_OVERLAP");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  return on;
+    mode = (v != nullptr && std::string(v) == "0") ? 0 : 1;
+    g_side_mode.store(mode);
+  }
+  return mode;
+}
+
+int64_t set_side_stream_mode(int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "polykern: side stream mode must be 0 (off), 1 (auto) or "
+              "2 (always), got ", num(mode));
+  const int64_t old = side_mode();
+  g_side_mode.store(static_cast<int>(mode));
+  return old;
+}
+
+// Whether work that could run beside a base GEMM over (rows, n) x (n, m) should.
+static bool side_pays(bool has_side_work, int64_t rows, int64_t n, int64_t m) {
+  const int mode = side_mode();
+  if (!has_side_work || mode == 0) return false;
+  return mode == 2 || static_cast<double>(rows) * n * m >= 68719476736.0;  // 2^36
 }
 
 // One side stream per device (from torch's pool), so that cuBLASLt's per-stream workspace is
@@ -193,8 +217,7 @@ static c10::cuda::CUDAStream side_stream(c10::DeviceIndex device) {
 class SideStream {
  public:
   // Forks here: work run() queues waits for everything queued on the caller's stream so far.
-  explicit SideStream(bool wanted)
-      : main_(c10::cuda::getCurrentCUDAStream()), on_(wanted && overlap_enabled()) {
+  explicit SideStream(bool wanted) : main_(c10::cuda::getCurrentCUDAStream()), on_(wanted) {
     if (!on_) return;
     side_ = side_stream(main_.device_index());
     fork_.record(main_);
@@ -238,18 +261,15 @@ std::tuple<Tensor, Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor
   const bool merged = !x_adapter.has_value() && x2.size(0) > 0 && merge_pays(x2.size(0), n);
   const bool keep = keep_merged && merged && keep_pays(x2.size(0), m);
   Tensor U, y, Wm;
-  if (merged) {
-    Wm = merged_weight(W, A, B);
-    SideStream side(true);                                                // forks after the merge
-    y = bias.has_value() ? at::addmm(*bias, x2, Wm.t()) : at::mm(x2, Wm.t());
-    side.run([&] { U = fast_mm(xa2, A.t()); });                           // (N, R), beside y
-    side.hand_over(U);
-    side.join();
-    if (!keep) Wm = Tensor();
-  } else {
-    U = fast_mm(xa2, A.t());
-    y = base_plus_adapter(x2, W, bias, A, B, U, false);
-  }
+  if (merged) Wm = merged_weight(W, A, B);
+  const Tensor& Wb = merged ? Wm : W;
+  SideStream side(side_pays(x2.size(0) > 0, x2.size(0), n, m));          // forks after the merge
+  y = bias.has_value() ? at::addmm(*bias, x2, Wb.t()) : at::mm(x2, Wb.t());  // (N, m)
+  side.run([&] { U = fast_mm(xa2, A.t()); });                             // (N, R), beside y
+  side.hand_over(U);
+  side.join();
+  if (!merged) fast_addmm_(y, U, B.t());                                  // beta = 1: into y
+  if (!keep) Wm = Tensor();
   if (!Wm.defined()) Wm = at::empty({0}, x.options());
   return {y.view(out_shape(x, m)), U, Wm};
 }
@@ -288,26 +308,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
     gA = fast_mm(gU.t(), xa2);                                            // (R, n)
     if (!fused) gB = fast_mm(gy.t(), U);                                  // (m, R)
   };
-  if (merged) {
-    const Tensor Wm = kept ? *W_merged : merged_weight(W, A, B);
-    SideStream side(need_gU);                                             // forks after the merge
-    gX = at::mm(gy, Wm).view(x.sizes());                                  // gY (W + B A)
-    side.run([&] {                                                        // beside gX
-      if (need_gU) down();
-      factors();
-    });
-    for (const Tensor* t : {&gU, &gA, &gB}) side.hand_over(*t);
-    side.join();
-  } else {
+  // gU and the factor gradients beside the base GEMM gX = gY W (or gY W_m) when there is one
+  Tensor Wm;
+  if (merged) Wm = kept ? *W_merged : merged_weight(W, A, B);
+  SideStream side(side_pays(need_x && need_gU, gy.size(0), m, n));       // forks after the merge
+  if (need_x) gX = at::mm(gy, merged ? Wm : W);                           // (N, n)
+  side.run([&] {
     if (need_gU) down();
-    if (need_x) {
-      gX = at::mm(gy, W);                                                 // (N, n)
-      if (!separate) fast_addmm_(gX, gU, A);                              // adapter share, beta=1
-      gX = gX.view(x.sizes());
-    }
-    if (need_xa && separate) gXa = fast_mm(gU, A).view(x.sizes());
     factors();
-  }
+  });
+  for (const Tensor* t : {&gU, &gA, &gB}) side.hand_over(*t);
+  side.join();
+  if (need_x && !separate && !merged) fast_addmm_(gX, gU, A);             // adapter share, beta=1
+  if (need_x) gX = gX.view(x.sizes());
+  if (need_xa && separate) gXa = fast_mm(gU, A).view(x.sizes());
   auto empty = [&](Tensor& t) { if (!t.defined()) t = at::empty({0}, x.options()); };
   empty(gX); empty(gXa); empty(gA); empty(gB);
   return {gX, gXa, gA, gB};

@@ -65,6 +65,9 @@ int64_t get_merge_policy();
 // backward merges too and W_m is at most half the size of x: N >= 2 m), 1 = always, 2 = never.
 void set_keep_policy(int64_t policy);
 int64_t get_keep_policy();
+// Whether the adapter's skinny GEMMs run on a side stream beside the base GEMM (adapter_core.cpp):
+// 0 = never, 1 = auto (beside base GEMMs of N n m >= 2^36), 2 = always; returns the old mode.
+int64_t set_side_stream_mode(int64_t mode);
 
 // The adapter's GEMMs on cuBLASLt (lt_gemm.cpp), torch's row-major semantics, bf16/fp16 with a
 // plan (descriptors, algorithm timed once) per shape; other dtypes and layouts go to ATen.

@@ -39,6 +39,18 @@ def test_keep_policy_roundtrip_and_errors():
     assert (ops.get_merge_policy(), ops.get_keep_policy()) == ("auto", "auto")
 
 
+def test_side_stream_mode_roundtrip_and_errors():
+    old = torch.ops.polykern._set_side_stream(2)
+    try:
+        assert old in (0, 1)  # 0 only under POLYKERN_OVERLAP=0
+        assert torch.ops.polykern._set_side_stream(0) == 2
+        with pytest.raises(RuntimeError, match="side stream mode must be 0"):
+            torch.ops.polykern._set_side_stream(3)
+        assert torch.ops.polykern._set_side_stream(old) == 0
+    finally:
+        torch.ops.polykern._set_side_stream(old)
+
+
 @pytest.mark.parametrize("merge,keep,N,expected", [
     ("auto", "auto", 8192, True), ("auto", "auto", 8191, False),   # N >= 2 m = 8192
     ("auto", "auto", 100000, True), ("auto", "never", 8192, False),

@@ -3,6 +3,7 @@ random data of odd shapes, tolerances from the same-dtype reference's own error 
 error against float64 at most 2x it); gradcheck in float64; N = 1 and 0; opcheck;
 torch.compile; CUDA graph capture; bad inputs. Skipped without a GPU and the extension."""
 
+import contextlib
 import copy
 import math
 import warnings
@@ -219,15 +220,29 @@ def test_kept_merged_weight(kind, dtype):
     assert abs(held[0] - held[1]) <= 2048
 
 
+@contextlib.contextmanager
+def side_stream(mode):
+    """The adapter core's side stream mode (0 off, 1 auto, 2 always), restored afterwards."""
+    old = torch.ops.polykern._set_side_stream(mode)
+    try:
+        yield
+    finally:
+        torch.ops.polykern._set_side_stream(old)
+
+
 @pytest.mark.parametrize("kind", ["pera", "genlora"])
-def test_side_stream_steps_repeat_exactly(kind):
-    """The merged path runs its skinny GEMMs on a side stream (adapter_core.cpp): steps whose
-    inputs and gradients are freed and reallocated between them (so the caching allocator hands
-    blocks back and forth between the streams) give the first step's results bit for bit, and
-    the same as a step queued on a non-default stream."""
+@pytest.mark.parametrize("policy", ["always", "never"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_side_stream_steps_repeat_exactly(kind, policy, dropout):
+    """The adapter core runs its skinny GEMMs on a side stream beside the base GEMM
+    (adapter_core.cpp), merged path or not: the results equal those without the side stream
+    bit for bit (the same kernels run); steps whose inputs and gradients are freed and
+    reallocated between them (so the caching allocator hands blocks back and forth between the
+    streams) repeat the first step's results bit for bit, and so does a step queued on a
+    non-default stream."""
     n, m, N = 64, 136, 300
     cfg = {"terms": "full"} if kind == "pera" else {"num_rbf": 32, "latent_dim": 3}
-    layer = random_layer(kind, n, m, 8, torch.float64, **cfg).to(torch.bfloat16)
+    layer = random_layer(kind, n, m, 8, torch.float64, dropout=dropout, **cfg).to(torch.bfloat16)
     x0 = torch.randn(N, n, device=DEV, dtype=torch.bfloat16)
     gy0 = torch.randn(N, m, device=DEV, dtype=torch.bfloat16)
 
@@ -235,24 +250,28 @@ def test_side_stream_steps_repeat_exactly(kind):
         for p in layer.adapter_parameters():
             p.grad = None
         x = x0.clone().requires_grad_()
+        torch.manual_seed(3)  # the same dropout mask each step
         y = layer(x)
         junk = [torch.randn(N, m, device=DEV) for _ in range(3)]  # reuse of freed blocks
         y.backward(gy0.clone())
         del junk
         return [y.detach().clone(), x.grad] + [p.grad.clone() for p in layer.adapter_parameters()]
 
-    with ops.merge_policy("always", keep="always"):
-        first = step()
-        for _ in range(5):
-            for a, b in zip(first, step()):
-                assert torch.equal(a, b)
-        other = torch.cuda.Stream()
-        other.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(other):
-            on_other = step()
-        torch.cuda.current_stream().wait_stream(other)
-    for a, b in zip(first, on_other):
-        assert torch.isfinite(a).all() and torch.equal(a, b)
+    with ops.merge_policy(policy, keep="always"):
+        with side_stream(0):
+            alone = step()
+        with side_stream(2):
+            first = step()
+            for _ in range(5):
+                for a, b in zip(first, step()):
+                    assert torch.equal(a, b)
+            other = torch.cuda.Stream()
+            other.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(other):
+                on_other = step()
+            torch.cuda.current_stream().wait_stream(other)
+    for a, b, c in zip(first, on_other, alone):
+        assert torch.isfinite(a).all() and torch.equal(a, b) and torch.equal(a, c)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -561,11 +580,12 @@ def test_torch_compile_fullgraph_trains(kind):
 
 
 @pytest.mark.parametrize("kind", ["pera", "genlora"])
-@pytest.mark.parametrize("policy", ["auto", "always"])
-def test_cuda_graph_capture_of_a_training_step(kind, policy):
-    """Captured and replayed, a training step gives eager's gradients; "always" captures the
-    merged path, whose skinny GEMMs run on the side stream (fork and join inside the graph)."""
-    with ops.merge_policy(policy, keep="always" if policy == "always" else "auto"):
+@pytest.mark.parametrize("policy,side", [("auto", 1), ("always", 2), ("never", 2)])
+def test_cuda_graph_capture_of_a_training_step(kind, policy, side):
+    """Captured and replayed, a training step gives eager's gradients; side = 2 captures the
+    adapter core's side stream (fork and join inside the graph) on the merged path (with the
+    merged weight kept) and on the unmerged one."""
+    with ops.merge_policy(policy, keep="always"), side_stream(side):
         _capture_and_replay(kind)
 
 
