@@ -1,7 +1,7 @@
 // The adapter core on cuBLAS (through ATen): the frozen base GEMM with the bias in its epilogue,
 // the down-projection U = x_a A^T, and the adapter's share either merged into the weight
 // (W + B A, one GEMM) or accumulated into the base output with beta = 1 (no extra output
-// buffer). On the merged path the skinny GEMMs run on a side stream beside the base GEMM.
+// buffer). The skinny GEMMs run on a side stream beside the long base GEMM (version 8).
 #include "common.h"
 
 #include <ATen/cuda/CUDAEvent.h>
