@@ -223,6 +223,16 @@ class SideStream {
     fork_.record(main_);
     fork_.block(*side_);
   }
+  SideStream(const SideStream&) = delete;
+  SideStream& operator=(const SideStream&) = delete;
+  // an error between fork and join (a failed check inside run()) still joins: the caller's
+  // stream must not free and reuse inputs that queued side work still reads
+  ~SideStream() {
+    try {
+      join();
+    } catch (...) {  // a destructor must not throw; the error that unwound us is reported
+    }
+  }
   template <typename F>
   void run(F&& f) {
     if (!on_) return f();
@@ -234,7 +244,8 @@ class SideStream {
     if (on_ && t.defined() && t.numel() > 0) t.record_stream(main_);
   }
   void join() {
-    if (!on_) return;
+    if (!on_ || joined_) return;
+    joined_ = true;
     join_.record(*side_);
     join_.block(main_);
   }
@@ -243,6 +254,7 @@ class SideStream {
   c10::cuda::CUDAStream main_;
   std::optional<c10::cuda::CUDAStream> side_;
   bool on_;
+  bool joined_ = false;
   at::cuda::CUDAEvent fork_, join_;
 };
 
