@@ -128,6 +128,13 @@ static bool keep_pays(int64_t rows, int64_t m) {
   return rows >= 2 * m && merge_pays(rows, m);  // the backward would merge too
 }
 
+// Whether a forward without a separate adapter input over (rows, n) -> (rows, m) that was asked
+// to keep W_m merges and keeps it: the decision adapter_forward takes, and the shape of the
+// fake kernels' W_merged output (polykern/ops.py calls it as polykern::_keeps_merged).
+bool keeps_merged(int64_t rows, int64_t n, int64_t m) {
+  return rows > 0 && merge_pays(rows, n) && keep_pays(rows, m);
+}
+
 // W_m = W + B A (m, n): one cuBLASLt matmul with C = W and D = W_m as separate buffers
 // (lt_gemm.cpp), so W is read once and W_m written once. at::addmm copies W into its output and
 // then reads it again as C: 19 us of the 47 us a merge cost at 4096 x 4096 on the H100. A
@@ -271,7 +278,7 @@ std::tuple<Tensor, Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor
   const Tensor xa2 = x_adapter.has_value() ? x_adapter->reshape({-1, n}) : x2;
   // with dropout the adapter's input differs from x: no merged operand exists
   const bool merged = !x_adapter.has_value() && x2.size(0) > 0 && merge_pays(x2.size(0), n);
-  const bool keep = keep_merged && merged && keep_pays(x2.size(0), m);
+  const bool keep = keep_merged && !x_adapter.has_value() && keeps_merged(x2.size(0), n, m);
   Tensor U, y, Wm;
   if (merged) Wm = merged_weight(W, A, B);
   const Tensor& Wb = merged ? Wm : W;

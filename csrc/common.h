@@ -65,6 +65,8 @@ int64_t get_merge_policy();
 // backward merges too and W_m is at most half the size of x: N >= 2 m), 1 = always, 2 = never.
 void set_keep_policy(int64_t policy);
 int64_t get_keep_policy();
+// Whether a forward of `rows` rows, (rows, n) -> (rows, m), asked to keep W_m merges and keeps it.
+bool keeps_merged(int64_t rows, int64_t n, int64_t m);
 // Whether the adapter's skinny GEMMs run on a side stream beside the base GEMM (adapter_core.cpp):
 // 0 = never, 1 = auto (beside base GEMMs of N n m >= 2^36), 2 = always; returns the old mode.
 int64_t set_side_stream_mode(int64_t mode);

@@ -16,6 +16,7 @@
 #include <cstring>
 
 #include "common.h"
+#include "cp_async.cuh"
 
 namespace polykern {
 namespace {
@@ -91,17 +92,8 @@ __device__ __forceinline__ void store_vec(S* p, bool whole, int valid, const Wt 
   }
 }
 
-// 16 bytes global -> shared without a register round trip: a block issues all its staging
-// copies at once and waits once (cp_async_wait_all), one memory latency in all.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
-                   static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
-               "l"(src)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-}
+// Staging: a block issues all its cp.async copies (cp_async.cuh) at once and waits once
+// (cp_async_wait_all), one memory latency in all.
 
 // src[0, count) -> dst (16-byte aligned shared memory): cp.async where src is 16-byte aligned,
 // the tail (and everything when it is not) element by element.

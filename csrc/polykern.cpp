@@ -74,6 +74,8 @@ TORCH_LIBRARY(polykern, m) {
   // Whether a merged forward keeps W + B_gen A_gen for the backward: 0 auto, 1 always, 2 never.
   m.def("set_keep_policy(int policy) -> ()", &polykern::set_keep_policy);
   m.def("get_keep_policy() -> int", &polykern::get_keep_policy);
+  // The keep decision under the current policies (the fake kernels' W_merged shape).
+  m.def("_keeps_merged(int rows, int n, int m) -> bool", &polykern::keeps_merged);
   // The side stream of the adapter core, for tests: 0 off, 1 auto, 2 always; returns the old.
   m.def("_set_side_stream(int mode) -> int", &polykern::set_side_stream_mode);
   // The adapter core's GEMM helper (csrc/lt_gemm.cpp) by itself, for tests: X Y (+ C).

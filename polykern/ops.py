@@ -70,7 +70,9 @@ if extension_loaded():
         n, m = x.shape[-1], weight.shape[0]
         N = math.prod(x.shape[:-1])
         y = x.new_empty((*x.shape[:-1], m))
-        keeps = keep_merged and x_adapter is None and _keeps_merged(N, n, m)
+        # the C++ decision itself (adapter_core.cpp); N is concrete wherever keep_merged is set
+        keeps = (keep_merged and x_adapter is None
+                 and torch.ops.polykern._keeps_merged(int(N), int(n), int(m)))
         W_merged = x.new_empty((m, n) if keeps else (0,))
         return (y, x.new_empty((N, R)), x.new_empty((R, n)), x.new_empty((m, R)), W_merged)
 
@@ -257,16 +259,6 @@ def get_keep_policy() -> str:
     if not extension_loaded():
         return "auto"
     return _policy_name(torch.ops.polykern.get_keep_policy())
-
-
-def _keeps_merged(N, n: int, m: int) -> bool:
-    """The C++ keep decision (adapter_core.cpp) for a forward of N rows, given that the caller
-    asked for the merged weight: the forward merges and the keep policy says keeping pays."""
-    merge, keep = torch.ops.polykern.get_merge_policy(), torch.ops.polykern.get_keep_policy()
-    merges = N > 0 and (merge == 1 or (merge == 0 and 2 * N >= 3 * n))
-    if not merges or keep == 2:
-        return False
-    return keep == 1 or (N >= 2 * m and (merge == 1 or 2 * N >= 3 * m))
 
 
 @contextlib.contextmanager

@@ -58,10 +58,11 @@ def test_side_stream_mode_roundtrip_and_errors():
     ("always", "auto", 8192, True), ("always", "auto", 64, False), ("always", "always", 64, True),
     ("never", "always", 8192, False), ("auto", "auto", 0, False)])
 def test_keep_decision(merge, keep, N, expected):
-    """The fake kernels' copy of the C++ keep decision, at n = m = 4096 (the C++ side is checked
-    against it on the GPU: tests/test_ops_cuda.py::test_kept_merged_weight)."""
+    """The C++ keep decision (polykern::_keeps_merged, which adapter_forward and the fake kernels
+    both use) at n = m = 4096; that the forward holds the weight exactly then is checked on the
+    GPU: tests/test_ops_cuda.py::test_kept_merged_weight."""
     with ops.merge_policy(merge, keep=keep):
-        assert ops._keeps_merged(N, 4096, 4096) is expected
+        assert torch.ops.polykern._keeps_merged(N, 4096, 4096) is expected
 
 
 @pytest.mark.parametrize("name", ["pera_linear", "pera_linear_backward", "pera_linear_eager",

@@ -163,8 +163,8 @@ def test_kept_merged_weight(kind, dtype):
     """The merged weight kept from the forward (keep policy): the forward op returns exactly the
     merge GEMM's W + B_gen A_gen; a training step that keeps it gives the same output and
     gradients bit for bit as one that rebuilds it; it stays allocated until the backward
-    (m n elements) exactly when the C++ decision says so, which the fake kernels' copy of the
-    decision (ops._keeps_merged) predicts, at N = 2 m and N = 2 m - 1 under "auto"."""
+    (m n elements) exactly when the keep decision (polykern::_keeps_merged, which the fake
+    kernels use too) says so, at N = 2 m and N = 2 m - 1 under "auto"."""
     n, m = 64, 136
     cfg = {"terms": "full"} if kind == "pera" else {"num_rbf": 32, "latent_dim": 3}
     layer = random_layer(kind, n, m, 8, torch.float64, **cfg).to(dtype)
@@ -209,7 +209,7 @@ def test_kept_merged_weight(kind, dtype):
         assert wm <= held_keep - held_new <= wm + 2048
         _, _, held_auto = step("auto", N)
         with ops.merge_policy("auto", keep="auto"):
-            expected = ops._keeps_merged(N, n, m)
+            expected = torch.ops.polykern._keeps_merged(N, n, m)
         assert expected is (N == 2 * m)
         if expected:
             assert wm <= held_auto - held_new <= wm + 2048
