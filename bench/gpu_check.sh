@@ -51,8 +51,8 @@ grep -E "fwd\+bwd|no_grad|gemm|mm \(" "$OUT/host.txt" | head -12
 # the adapter GEMMs' tuning (lt_gemm.cpp) logged, then the same profile with the heuristic's
 # first choice (POLYKERN_GEMM_TUNE=0) for comparison, into one file
 POLYKERN_GEMM_TUNE_LOG=1 python3 bench/profile_step.py > "$OUT/profile.txt" 2>&1
-# ... then without the fused gY pass (POLYKERN_FUSED_GY=0: two cuBLASLt GEMMs, the v6 path), and
-# the fused pass alone against those two GEMMs
+# ... then the same profile with one version-7/8 feature off at a time (the side stream, the kept
+# merged weight, the fused gY pass), and the fused pass alone against the two GEMMs it replaces
 { echo; echo "######## POLYKERN_OVERLAP=0 (no side stream)"
   POLYKERN_OVERLAP=0 python3 bench/profile_step.py
   echo; echo "######## --keep never (the backward merges again)"

@@ -3,7 +3,7 @@ gB = gY^T U through the adapter core's GEMM helper), GPU time per call: 20 calls
 CUDA events, median of 15 runs, so that the host's launch rate does not enter. bf16, N = 8192,
 m = 4096 unless given. The floor is one read of gY plus the fp32 partials written and read once.
 
-    python bench/gy_pass_bench.py [--N 8192] [--m 4096] [--R 8 16 24 32]
+    python bench/gy_pass_bench.py [--N 8192] [--m 4096] [--R 8 16]   (the R the kernel takes)
 """
 from __future__ import annotations
 
