@@ -579,6 +579,27 @@ def test_torch_compile_fullgraph_trains(kind):
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
 
 
+def perturbed_tiny_net(kind):
+    """A TinyNet whose trainable parameters are moved off their init (B = 0 would hide bugs)."""
+    model = TinyNet(kind)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def warm_up_on_a_side_stream(step, times):
+    """torch.cuda.graphs' warm-up before a capture: ``times`` calls of ``step`` on a side
+    stream (this also times the adapter GEMMs, which capture does not)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(times):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+
+
 @pytest.mark.parametrize("kind", ["pera", "genlora"])
 @pytest.mark.parametrize("policy,side", [("auto", 1), ("always", 2), ("never", 2)])
 def test_cuda_graph_capture_of_a_training_step(kind, policy, side):
@@ -591,19 +612,10 @@ def test_cuda_graph_capture_of_a_training_step(kind, policy, side):
 
 def _capture_and_replay(kind):
     torch.manual_seed(1)
-    model = TinyNet(kind)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
+    model = perturbed_tiny_net(kind)
     params = [p for p in model.parameters() if p.requires_grad]
     x = torch.randn(8, 40, device=DEV)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm up outside the graph
-        for _ in range(2):
-            model(x).square().mean().backward()
-    torch.cuda.current_stream().wait_stream(s)
+    warm_up_on_a_side_stream(lambda: model(x).square().mean().backward(), 2)
     for p in params:
         p.grad = None
     g = torch.cuda.CUDAGraph()
@@ -619,6 +631,86 @@ def _capture_and_replay(kind):
     model(x).square().mean().backward()
     for a, b in zip(captured, [p.grad for p in params]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["pera", "genlora"])
+def test_captured_training_loop_matches_eager(kind):
+    """The README's small-batch recipe as written: warm-up on a side stream, zero_grad, capture
+    forward and backward, then per batch copy into the static input, replay and step the
+    optimizer outside the graph. Four steps on fresh batches train the same parameters as
+    eager training does."""
+    torch.manual_seed(2)
+    model = perturbed_tiny_net(kind)
+    eager, start = copy.deepcopy(model), copy.deepcopy(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    opt_e = torch.optim.SGD([p for p in eager.parameters() if p.requires_grad], lr=0.1)
+    data = [torch.randn(8, 40, device=DEV) for _ in range(4)]
+    static_x = torch.randn(8, 40, device=DEV)
+    warm_up_on_a_side_stream(lambda: model(static_x).float().pow(2).mean().backward(), 3)
+    opt.zero_grad(set_to_none=True)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_loss = model(static_x).float().pow(2).mean()
+        static_loss.backward()
+    for batch in data:
+        static_x.copy_(batch)
+        g.replay()
+        opt.step()
+        opt_e.zero_grad(set_to_none=True)
+        loss = eager(batch).float().pow(2).mean()
+        loss.backward()
+        opt_e.step()
+        torch.testing.assert_close(static_loss, loss, rtol=1e-5, atol=1e-6)
+    for (name, a), b, a0 in zip(model.named_parameters(), eager.parameters(),
+                                start.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        if a.requires_grad:  # the replays did train
+            assert (a - a0).abs().max() > 0, name
+
+
+@pytest.mark.parametrize("kind", ["pera", "genlora"])
+def test_make_graphed_callables_layer(kind):
+    """A layer wrapped by torch.cuda.make_graphed_callables (the captured path for small
+    batches, README) gives eager's output and gradients, replay after replay, on fresh inputs of
+    the captured shape (3-D, bf16; merged path, merged weight kept, at 3 x 48 rows of width
+    40)."""
+    layer = random_layer(kind, 40, 24, 4, torch.bfloat16)
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    params = layer.adapter_parameters()
+    sample = torch.randn(3, 48, 40, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    graphed = torch.cuda.make_graphed_callables(copy.deepcopy(layer), (sample,))
+    gparams = graphed.adapter_parameters()
+    for step in range(3):
+        x = torch.randn(3, 48, 40, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+        gy = torch.randn(3, 48, 24, device=DEV, dtype=torch.bfloat16)
+        xg = x.detach().clone().requires_grad_()
+        y = layer(x)
+        want = torch.autograd.grad(y, [x] + params, gy)
+        yg = graphed(xg)
+        got = torch.autograd.grad(yg, [xg] + gparams, gy)
+        # bf16 rounding apart (cuBLAS may pick another algorithm under capture); a replay on
+        # stale inputs or buffers would be off by O(1)
+        for name, a, b in zip(["y", "x"] + list(layer.adapter_parameter_names), (yg,) + got,
+                              (y,) + want):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2,
+                                       atol=1e-2 * b.abs().max().item(),
+                                       msg=f"step {step}: {name}")
+
+
+@pytest.mark.parametrize("kind", ["pera", "genlora"])
+def test_backward_on_the_calling_thread(kind):
+    """torch.autograd.set_multithreading_enabled(False) (the engine runs the C++ node on the
+    calling thread; README, small batches) gives the default engine's gradients bit for bit."""
+    layer = random_layer(kind, 40, 24, 4, torch.bfloat16)
+    x = torch.randn(5, 7, 40, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(5, 7, 24, device=DEV, dtype=torch.bfloat16)
+    inputs = [x] + layer.adapter_parameters()
+    want = torch.autograd.grad(layer(x), inputs, gy)
+    with torch.autograd.set_multithreading_enabled(False):
+        layer(x).backward(gy)
+    for name, t, w in zip(["x"] + list(layer.adapter_parameter_names), inputs, want):
+        torch.testing.assert_close(t.grad, w, rtol=0, atol=0, msg=f"grad {name}")
 
 
 def test_bad_inputs_on_cuda():
