@@ -7,7 +7,13 @@ reference: same math, cached gather indices), compiled_naive (torch.compile of n
 fp32 adapters), frozen_linear, merged (a merged layer). Each implementation's runs alternate with
 the frozen layer's; ``ratio`` is the median of the per-pair ratios (``time_pair``), ``ms`` the
 median time; ``*_stream`` the same for 10 steps back to back. Adapter parameters random (never
-zeros).
+zeros). Each case also times frozen_linear, polykern and lora_eager with the host path changed
+(``--variants``, default ``graph``; rows with ``"variant"``): ``graph``, the step captured in a
+CUDA graph and replayed (the host's launch path removed: the GPU-bound ratio); ``caller_thread``,
+the autograd engine run on the calling thread. ``ratio`` there is against the frozen layer's step
+run the same way, ``ratio_vs_eager_frozen`` against the plain eager frozen step.
+``peak_extra_MiB``: a step's peak allocated memory above what lives between steps (the previous
+step's gradients included), polykern and naive.
 
     python bench/bench_layers.py --json bench/results/h100.json --plot bench/results/ratio_vs_N.png
 """
@@ -83,6 +89,39 @@ def step_fn(forward, x, gy, params, mode):
     return fn
 
 
+def graph_fn(forward, x, gy, params, mode):
+    """The step of ``step_fn`` captured in a CUDA graph (static x, gy and gradient buffers, as in
+    torch.cuda.graphs' whole-step recipe): returns the graph's replay, after checking that one
+    replay gives the eager step's gradients."""
+    eager = step_fn(forward, x, gy, params, mode)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up (and GEMM tuning) outside the capture
+        for _ in range(3):
+            eager()
+    torch.cuda.current_stream().wait_stream(s)
+    want = [t.grad.clone() for t in [x] + params] if mode != "fwd" else []
+    for t in [x] + params:
+        t.grad = None
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        if mode == "fwd":
+            with torch.no_grad():
+                forward(x)
+        else:
+            forward(x).backward(gy)
+    g.replay()
+    torch.cuda.synchronize()
+    for w, t in zip(want, [x] + params):  # the graph did the step's work (the kernels may
+        # differ from eager's where cuBLAS picks another algorithm under capture)
+        torch.testing.assert_close(t.grad.float(), w.float(), rtol=2e-2,
+                                   atol=2e-2 * w.abs().max().item())
+    def fn():
+        g.replay()
+    fn.graph = g  # keep the graph (and its memory pool) alive with the callable
+    return fn
+
+
 def make_impls(op, r, K, n, m, terms, with_compile, with_peft):
     """name -> (forward callable, trainable params)."""
     torch.manual_seed(0)
@@ -142,7 +181,7 @@ def make_impls(op, r, K, n, m, terms, with_compile, with_peft):
 
 
 def bench_case(op, r, K, N, n, m, terms, modes, impl_filter=None, with_compile=False,
-               with_peft=False, reps=30):
+               with_peft=False, reps=30, variants=()):
     impls = make_impls(op, r, K, n, m, terms, with_compile, with_peft)
     x = torch.randn(N, n, device=DEV, dtype=DT, requires_grad=True)
     gy = torch.randn(N, m, device=DEV, dtype=DT)
@@ -167,18 +206,74 @@ def bench_case(op, r, K, N, n, m, terms, modes, impl_filter=None, with_compile=F
             if op == "genlora":
                 row["K"] = K
             rows.append(row)
+        for variant in variants:
+            rows += variant_rows(variant, impls, x, gy, mode, base_fn, reps,
+                                 {k: row[k] for k in ("op", "terms", "r", "N", "in", "out",
+                                                      "dtype", "mode") if k in row},
+                                 K if op == "genlora" else None)
         if "polykern" in impls and mode == "fwd+bwd":
             torch.cuda.synchronize()
             for name in ("polykern", "naive"):
+                # steady state, as in a training loop: the previous step's gradients are alive
+                # when a step starts (and freed by it); the peak is counted above that
+                fn = step_fn(impls[name][0], x, gy, impls[name][1], mode)
+                fn()
+                torch.cuda.synchronize()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
-                step_fn(impls[name][0], x, gy, impls[name][1], mode)()
+                fn()
                 torch.cuda.synchronize()
                 peak = (torch.cuda.max_memory_allocated() - before) / 2**20
                 rows.append({"op": op, "terms": terms if op == "pera" else None, "r": r,
                              "N": N, "in": n, "out": m, "dtype": "bfloat16", "mode": mode,
                              "impl": name, "metric": "peak_extra_MiB", "value": round(peak, 1)})
+    return rows
+
+
+def caller_thread_fn(forward, x, gy, params, mode):
+    """The step of ``step_fn`` with the autograd engine on the calling thread
+    (``torch.autograd.set_multithreading_enabled(False)``): no hand-over of the backward to the
+    engine's CUDA device thread."""
+    eager = step_fn(forward, x, gy, params, mode)
+
+    def fn():
+        with torch.autograd.set_multithreading_enabled(False):
+            eager()
+    return fn
+
+
+VARIANTS = {"graph": graph_fn, "caller_thread": caller_thread_fn}
+
+
+def variant_rows(variant, impls, x, gy, mode, eager_base_fn, reps, key, K):
+    """Rows for the steps of frozen_linear, polykern and lora_eager run the way ``variant``
+    names (``VARIANTS``): ``ratio`` against the frozen layer's step run the same way,
+    ``ratio_vs_eager_frozen`` against the plain eager frozen step."""
+    make = VARIANTS[variant]
+    rows = []
+    base_v = make(impls["frozen_linear"][0], x, gy, [], mode)
+    base_ms = time_pair(base_v, base_v, reps)[0]
+    for name in ("frozen_linear", "polykern", "lora_eager"):
+        if name not in impls:
+            continue
+        fwd, params = impls[name]
+        fn = base_v if name == "frozen_linear" else make(fwd, x, gy, params, mode)
+        if name == "frozen_linear":
+            ms, ratio = base_ms, 1.0
+        else:
+            _, ms, ratio = time_pair(base_v, fn, reps)
+        _, _, ratio_eager = time_pair(eager_base_fn, fn, reps)
+        row = dict(key, impl=name, variant=variant, ms=round(ms, 4), ratio=round(ratio, 3),
+                   ratio_vs_eager_frozen=round(ratio_eager, 3))
+        if K is not None:
+            row["K"] = K
+        rows.append(row)
+        del fn
+    for t in [x] + [p for _, ps in impls.values() for p in ps]:
+        t.grad = None
+    del base_v
+    torch.cuda.empty_cache()
     return rows
 
 
@@ -194,8 +289,15 @@ def main():
     ap.add_argument("--cases", default=None,
                     help="comma-separated indices into the case list (no N sweep, no compile or "
                          "peft baselines): a quick look at chosen rows")
+    ap.add_argument("--variants", default="graph",
+                    help="comma-separated host-path variants timed besides plain eager "
+                         f"(of {sorted(VARIANTS)}; '' for none)")
     args = ap.parse_args()
     assert polykern.cuda_available(), "needs a GPU and the compiled extension"
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            ap.error(f"unknown variant {v!r}: expected one of {sorted(VARIANTS)}")
     rows = []
     n = m = 4096
     cases = [  # (op, r, K, N, in, out, terms, modes, compile, peft)
@@ -215,20 +317,25 @@ def main():
         cases = [c[:8] + (False, False) for k, c in enumerate(cases)
                  if str(k) in args.cases.split(",")]
     for op, r, K, N, i, o, terms, modes, comp, pf in cases:
-        rows += bench_case(op, r, K, N, i, o, terms, modes, with_compile=comp, with_peft=pf)
+        rows += bench_case(op, r, K, N, i, o, terms, modes, with_compile=comp, with_peft=pf,
+                           variants=variants)
         print_rows([x for x in rows if x.get("N") == N and x["op"] == op and x["r"] == r][-12:])
     sweep = []
     if not (args.quick or args.cases):
         for N in (512, 1024, 2048, 4096, 8192, 16384):
+            graph = ("graph",) if "graph" in variants else ()
             sweep += bench_case("pera", 16, None, N, n, m, "full", ["fwd+bwd"],
-                                impl_filter={"polykern", "naive", "lora_eager"}, reps=20)
+                                impl_filter={"polykern", "naive", "lora_eager"}, reps=20,
+                                variants=graph)
             sweep += bench_case("genlora", 16, 32, N, n, m, None, ["fwd+bwd"],
-                                impl_filter={"polykern", "naive"}, reps=20)
+                                impl_filter={"polykern", "naive"}, reps=20, variants=graph)
         rows += [dict(x, sweep=True) for x in sweep]
     # the adapter's own cost: (polykern - frozen) against its FLOPs, 6 N R (in + out) fwd+bwd
     for x in rows:
-        if x.get("impl") == "polykern" and "ms" in x and x["mode"] == "fwd+bwd":
-            base = next(b for b in rows if b.get("impl") == "frozen_linear" and b["op"] == x["op"]
+        if (x.get("impl") == "polykern" and "ms" in x and x["mode"] == "fwd+bwd"
+                and not x.get("variant")):
+            base = next(b for b in rows if b.get("impl") == "frozen_linear" and not b.get("variant")
+                        and b["op"] == x["op"]
                         and b["N"] == x["N"] and b["r"] == x["r"] and b["out"] == x["out"]
                         and b["mode"] == x["mode"] and b.get("terms") == x.get("terms"))
             R = adapter_width(x["op"], x["r"], x["terms"] or "full")
@@ -250,7 +357,12 @@ def main():
 
 def print_rows(rows):
     for x in rows:
-        if "ms" in x:
+        if x.get("variant"):
+            print(f"{x['op']:8s} {str(x.get('terms')):6s} r={x['r']:<3d} K={x.get('K', '-')!s:4s}"
+                  f" N={x['N']:<6d} {x['in']}x{x['out']:<6d} {x['mode']:8s} {x['impl']:15s}"
+                  f" {x['ms']:8.3f} ms  {x['ratio']:6.2f}x  {x['variant']} (vs eager frozen "
+                  f"{x['ratio_vs_eager_frozen']:.2f}x)")
+        elif "ms" in x:
             extra = f"  adapter {x['adapter_TFLOPs']} TFLOP/s, floor {x['flop_floor_ratio']}x" \
                 if "adapter_TFLOPs" in x else ""
             print(f"{x['op']:8s} {str(x.get('terms')):6s} r={x['r']:<3d} K={x.get('K', '-')!s:4s}"
@@ -267,23 +379,35 @@ def plot(sweep, path, gpu):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, key, title in ((axes[0], "ratio", "one synchronised step (latency)"),
-                           (axes[1], "ratio_stream", "10 steps back to back (throughput)")):
-        for op, impl, style in (("pera", "polykern", "o-"), ("pera", "naive", "s--"),
-                                ("pera", "lora_eager", "^:"), ("genlora", "polykern", "o-"),
-                                ("genlora", "naive", "s--")):
+    graphed = any(x.get("variant") == "graph" for x in sweep)
+    panels = [("ratio", None, "one synchronised step (latency)"),
+              ("ratio_stream", None, "10 steps back to back (throughput)")]
+    if graphed:
+        panels.append(("ratio", "graph", "step captured in a CUDA graph\n(vs the frozen step "
+                                         "captured the same way)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), sharey=True)
+    for ax, (key, variant, title) in zip(axes, panels):
+        for op, impl, style, color in (("pera", "polykern", "o-", "C0"),
+                                       ("pera", "naive", "s--", "C1"),
+                                       ("pera", "lora_eager", "^:", "C2"),
+                                       ("genlora", "polykern", "o-", "C3"),
+                                       ("genlora", "naive", "s--", "C4")):
             pts = sorted((x["N"], x[key]) for x in sweep
-                         if x["op"] == op and x["impl"] == impl and key in x)
+                         if x["op"] == op and x["impl"] == impl and key in x
+                         and x.get("variant") == variant)
             if pts:
                 label = f"{op} {impl}" if impl != "lora_eager" else "plain LoRA r=16 (eager)"
-                ax.plot(*zip(*pts), style, label=label)
+                if variant == "graph" and impl == "lora_eager":
+                    label = "plain LoRA r=16 (PyTorch)"
+                ax.plot(*zip(*pts), style, color=color, label=label)
         ax.set_xscale("log", base=2)
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xlabel("N (tokens)")
         ax.set_title(title)
     axes[0].set_ylabel("time / frozen nn.Linear (fwd+bwd)")
     axes[0].legend()
+    if graphed:
+        axes[-1].legend()
     fig.suptitle(f"4096x4096 bf16, PERA full r=16, GenLoRA r=16 K=32 ({gpu})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -75,12 +75,36 @@ def main():
             f(x).backward(gy)
         return g
 
+    def caller_thread(fn):  # the autograd engine runs the backward on the calling thread
+        def g():
+            with torch.autograd.set_multithreading_enabled(False):
+                fn()
+        return g
+
+    lora = lambda t: F.linear(t, W) + F.linear(F.linear(t, lA), lB)  # noqa: E731
+    outs = {"frozen": base(x), "lora": lora(x), "pera": pera(x), "genlora": gen(x)}
+    grad_of = {"frozen": [x], "lora": [x, lA, lB], "pera": [x] + pera.adapter_parameters(),
+               "genlora": [x] + gen.adapter_parameters()}
+
+    def bwd_only(k):  # torch.autograd.grad of a kept output: the backward alone, no accumulation
+        return lambda: torch.autograd.grad(outs[k], grad_of[k], gy, retain_graph=True)
+
     cases = {
         "frozen nn.Linear fwd+bwd": step(base),
         "plain LoRA eager fwd+bwd": step(lambda t: F.linear(t, W) + F.linear(F.linear(t, lA),
                                                                              lB)),
         "PeraLinear fwd+bwd": step(pera),
         "GenLoraLinear fwd+bwd": step(gen),
+        "frozen fwd+bwd, engine on caller thread": caller_thread(step(base)),
+        "plain LoRA fwd+bwd, engine on caller thread": caller_thread(step(lora)),
+        "PeraLinear fwd+bwd, engine on caller thread": caller_thread(step(pera)),
+        "GenLoraLinear fwd+bwd, engine on caller thread": caller_thread(step(gen)),
+        "frozen bwd only (autograd.grad)": bwd_only("frozen"),
+        "plain LoRA bwd only (autograd.grad)": bwd_only("lora"),
+        "PeraLinear bwd only (autograd.grad)": bwd_only("pera"),
+        "GenLoraLinear bwd only (autograd.grad)": bwd_only("genlora"),
+        "frozen fwd (grad on)": lambda: base(x),
+        "GenLoraLinear fwd (grad on)": lambda: gen(x),
         "PeraLinear fwd (grad on)": lambda: pera(x),
         "PeraLinear fwd (no_grad)": torch.no_grad()(lambda: pera(x)),
         "ops.pera_linear fwd (grad on)": lambda: ops.pera_linear(x, W, None, A, B, h,
