@@ -1,7 +1,8 @@
 """Per-kernel GPU time of one adapted layer's training step (torch.profiler), to see where the
 adapter's time goes, and the step's wall time on the GPU (10 steps queued back to back, so that
 kernels that overlap on two streams count once): python bench/profile_step.py [--N 8192]
-[--dim 4096] [--keep auto|always|never] (the merged-weight keep policy, polykern.ops)."""
+[--dim 4096] [--keep auto|always|never] (the merged-weight keep policy, polykern.ops)
+[--terms full|square|cross] (PERA's expansion terms)."""
 import argparse
 
 import torch
@@ -11,13 +12,13 @@ from torch.profiler import ProfilerActivity, profile
 import polykern
 
 
-def layer_steps(N: int, dim: int):
+def layer_steps(N: int, dim: int, terms: str = "full"):
     """(name, step) for the frozen layer, PERA full r=16 and GenLoRA r=16 K=32 on a (dim, dim)
     bf16 weight: ``step()`` is one forward+backward on a random (N, dim) input, each already run
     5 times (warm-up, GEMM tuning). Shared with bench/timeline_step.py."""
     dev, dt = "cuda", torch.bfloat16
     for name, cls, cfg in (("frozen nn.Linear", None, {}),
-                           ("PERA full r=16", polykern.PeraLinear, {"r": 16}),
+                           (f"PERA {terms} r=16", polykern.PeraLinear, {"r": 16, "terms": terms}),
                            ("GenLoRA r=16 K=32", polykern.GenLoraLinear, {"r": 16})):
         base = nn.Linear(dim, dim, bias=False, device=dev, dtype=dt)
         base.requires_grad_(False)
@@ -46,6 +47,8 @@ def size_args(doc: str):
     ap.add_argument("--N", type=int, default=8192)
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--keep", default="auto", choices=["auto", "always", "never"])
+    ap.add_argument("--terms", default="full", choices=["full", "square", "cross"],
+                    help="PERA's expansion terms")
     return ap.parse_args()
 
 
@@ -68,7 +71,7 @@ def wall_us(step, steps=10, reps=5):
 def main():
     args = size_args(__doc__)
     polykern.ops.set_merge_policy("auto", keep=args.keep)
-    for name, step in layer_steps(args.N, args.dim):
+    for name, step in layer_steps(args.N, args.dim, args.terms):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
                 step()
