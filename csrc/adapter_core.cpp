@@ -144,27 +144,6 @@ static Tensor merged_weight(const Tensor& W, const Tensor& A, const Tensor& B) {
   return fast_addmm(W, B, A);
 }
 
-// y = x2 W^T + bias + U B^T for x2 (N, n): on W + B A when `merged`, else with the adapter's
-// share added into y (beta = 1); U = x2 A^T is computed here if not given.
-static Tensor base_plus_adapter(const Tensor& x2, const Tensor& W,
-                                const std::optional<Tensor>& bias, const Tensor& A,
-                                const Tensor& B, const Tensor& U, bool merged) {
-  if (merged) {
-    const Tensor Wm = merged_weight(W, A, B);
-    return bias.has_value() ? at::addmm(*bias, x2, Wm.t()) : at::mm(x2, Wm.t());
-  }
-  Tensor y = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());  // (N, m)
-  fast_addmm_(y, U.defined() ? U : fast_mm(x2, A.t()), B.t());          // beta = 1: into y
-  return y;
-}
-
-Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias,
-                      const Tensor& A, const Tensor& B) {
-  const Tensor x2 = x.reshape({-1, W.size(1)});
-  const bool merged = x2.size(0) > 0 && merge_pays(x2.size(0), W.size(1));
-  return base_plus_adapter(x2, W, bias, A, B, Tensor(), merged).view(out_shape(x, W.size(0)));
-}
-
 // ---- the side stream (version 8) -------------------------------------------------------------
 // The long base GEMM (compute-bound) and the adapter's skinny GEMMs (memory-bound: U = x_a A^T
 // in the forward; the gY pass, gA_gen = gU^T x_a and gB_gen in the backward) do not depend on
@@ -287,9 +266,43 @@ class SideStream {
   bool joined_ = false;
 };
 
-// Launch order: on the merged path the long base GEMM is queued before U = x_a A^T (and in the
-// backward gX before gU), so that the GPU starts it one launch earlier; the host, which costs
-// tens of microseconds per launch on the H100 machine, then queues the rest while it runs.
+// The forward core of training and inference: y = x2 W^T + bias + U B^T for x2 (N, n), on
+// W_m = W + B A when `merged`, else with the adapter's share added into y (beta = 1). U = xa2 A^T
+// is computed when `need_U` (training keeps it for the backward) or when the unmerged path needs
+// it, beside the base GEMM on the side stream where that pays. Returns (y (N, m), U or undefined,
+// W_m or undefined).
+// Launch order: on the merged path the long base GEMM is queued before U (and in the backward
+// gX before gU), so that the GPU starts it one launch earlier; the host, which costs tens of
+// microseconds per launch on the H100 machine, then queues the rest while it runs.
+static std::tuple<Tensor, Tensor, Tensor> forward_core(const Tensor& x2, const Tensor& xa2,
+                                                       const Tensor& W,
+                                                       const std::optional<Tensor>& bias,
+                                                       const Tensor& A, const Tensor& B,
+                                                       bool merged, bool need_U) {
+  const int64_t N = x2.size(0), n = W.size(1), m = W.size(0);
+  const bool want_U = need_U || !merged;
+  Tensor U, Wm;
+  if (merged) Wm = merged_weight(W, A, B);
+  const Tensor& Wb = merged ? Wm : W;
+  SideStream side(side_pays(want_U && N > 0, N, n, m));                   // forks after the merge
+  Tensor y = bias.has_value() ? at::addmm(*bias, x2, Wb.t()) : at::mm(x2, Wb.t());  // (N, m)
+  if (want_U) {
+    side.run([&] { U = fast_mm(xa2, A.t()); });                           // (N, R), beside y
+    side.hand_over(U);
+  }
+  side.join();
+  if (!merged) fast_addmm_(y, U, B.t());                                  // beta = 1: into y
+  return {y, U, Wm};
+}
+
+Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias,
+                      const Tensor& A, const Tensor& B) {
+  const Tensor x2 = x.reshape({-1, W.size(1)});
+  const bool merged = x2.size(0) > 0 && merge_pays(x2.size(0), W.size(1));
+  return std::get<0>(forward_core(x2, x2, W, bias, A, B, merged, /*need_U=*/false))
+      .view(out_shape(x, W.size(0)));
+}
+
 std::tuple<Tensor, Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor& W,
                                                    const std::optional<Tensor>& bias,
                                                    const Tensor& A, const Tensor& B,
@@ -301,17 +314,8 @@ std::tuple<Tensor, Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor
   // with dropout the adapter's input differs from x: no merged operand exists
   const bool merged = !x_adapter.has_value() && x2.size(0) > 0 && merge_pays(x2.size(0), n);
   const bool keep = keep_merged && !x_adapter.has_value() && keeps_merged(x2.size(0), n, m);
-  Tensor U, y, Wm;
-  if (merged) Wm = merged_weight(W, A, B);
-  const Tensor& Wb = merged ? Wm : W;
-  SideStream side(side_pays(x2.size(0) > 0, x2.size(0), n, m));          // forks after the merge
-  y = bias.has_value() ? at::addmm(*bias, x2, Wb.t()) : at::mm(x2, Wb.t());  // (N, m)
-  side.run([&] { U = fast_mm(xa2, A.t()); });                             // (N, R), beside y
-  side.hand_over(U);
-  side.join();
-  if (!merged) fast_addmm_(y, U, B.t());                                  // beta = 1: into y
-  if (!keep) Wm = Tensor();
-  if (!Wm.defined()) Wm = at::empty({0}, x.options());
+  auto [y, U, Wm] = forward_core(x2, xa2, W, bias, A, B, merged, /*need_U=*/true);
+  if (!keep || !Wm.defined()) Wm = at::empty({0}, x.options());
   return {y.view(out_shape(x, m)), U, Wm};
 }
 

@@ -26,8 +26,6 @@ std::string shape(c10::IntArrayRef s);
 bool poison_enabled();
 void maybe_poison(const Tensor& t);
 
-
-
 void check_cuda(const Tensor& t, const char* name, const Tensor& like);
 void check_float(const Tensor& t, const char* name);
 
@@ -51,8 +49,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
     const Tensor& W, const Tensor& A, const Tensor& B, const Tensor& U, bool need_x,
     bool need_xa, bool need_factors, const std::optional<Tensor>& W_merged);
 
-// Inference core (no U, nothing saved): y = x W^T + bias + (x A^T) B^T, merged as W + B A when
-// that costs fewer bytes (see merge_pays in adapter_core.cpp).
+// Inference core (nothing saved; adapter_forward's core, U computed only where the unmerged path
+// needs it): y = x W^T + bias + (x A^T) B^T, merged as W + B A when that costs fewer bytes (see
+// merge_pays in adapter_core.cpp).
 Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias,
                       const Tensor& A, const Tensor& B);
 

@@ -239,7 +239,7 @@ def test_side_stream_steps_repeat_exactly(kind, policy, dropout):
     bit for bit (the same kernels run); steps whose inputs and gradients are freed and
     reallocated between them (so the caching allocator hands blocks back and forth between the
     streams) repeat the first step's results bit for bit, and so does a step queued on a
-    non-default stream."""
+    non-default stream. The no_grad forward (the inference op) is checked the same way."""
     n, m, N = 64, 136, 300
     cfg = {"terms": "full"} if kind == "pera" else {"num_rbf": 32, "latent_dim": 3}
     layer = random_layer(kind, n, m, 8, torch.float64, dropout=dropout, **cfg).to(torch.bfloat16)
@@ -255,7 +255,11 @@ def test_side_stream_steps_repeat_exactly(kind, policy, dropout):
         junk = [torch.randn(N, m, device=DEV) for _ in range(3)]  # reuse of freed blocks
         y.backward(gy0.clone())
         del junk
-        return [y.detach().clone(), x.grad] + [p.grad.clone() for p in layer.adapter_parameters()]
+        with torch.no_grad():  # the inference op: the same forward core, U kept by no one
+            y_inf = layer.eval()(x0)
+        layer.train()
+        return ([y.detach().clone(), x.grad, y_inf]
+                + [p.grad.clone() for p in layer.adapter_parameters()])
 
     with ops.merge_policy(policy, keep="always"):
         with side_stream(0):
