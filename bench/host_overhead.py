@@ -3,10 +3,14 @@ work is negligible (N = 64), so that what is timed is the launch path: Python, t
 autograd. Microseconds per call, median of 7 batches of 200 calls (the GPU is synchronised once
 per batch).
 
-    python bench/host_overhead.py [--N 64] [--dim 4096] [--json out.json] [--profile]
+    python bench/host_overhead.py [--N 64] [--dim 4096] [--big-N 8192] [--json out.json]
+                                  [--profile]
 
---profile also prints torch.profiler's CPU table (self time per op) for a few layer steps, to
-see which host calls a step's time goes to.
+--big-N also times the host side of whole steps at that size (3 steps per batch, so the host
+never waits for the GPU): whether a step's host time exceeds its GPU time there, which is when
+steps run back to back at the host's pace. --profile also prints torch.profiler's CPU table
+(self time per op, and per polykern::* scope inside the ops: csrc/common.h POLYKERN_SCOPE) for a
+few layer steps at N and at --big-N, to see which host calls a step's time goes to.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--N", type=int, default=64)
     ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--big-N", type=int, default=8192, help="0: skip")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
@@ -125,7 +130,24 @@ def main():
         "python: ops._eager": ops._eager,
         "backward of a cached out": lambda: out.backward(gy, retain_graph=True),
     }
+    big = {}
+    if args.big_N:
+        xb = torch.randn(args.big_N, n, device=dev, dtype=dt, requires_grad=True)
+        gyb = torch.randn(args.big_N, n, device=dev, dtype=dt)
+
+        def big_step(f):
+            def g():
+                for t in trainable + [xb]:
+                    t.grad = None
+                f(xb).backward(gyb)
+            return g
+        big = {f"frozen nn.Linear fwd+bwd, N={args.big_N}": big_step(base),
+               f"PeraLinear fwd+bwd, N={args.big_N}": big_step(pera),
+               f"GenLoraLinear fwd+bwd, N={args.big_N}": big_step(gen)}
     res = {}
+    for name, fn in big.items():  # host time only: 3 steps queue ahead of a busy GPU
+        res[name] = host_us(fn, calls=3, batches=21)
+        print(f"{name:42s} {res[name]:8.1f} us", flush=True)
     for name, fn in cases.items():
         res[name] = host_us(fn)
         x.grad = None
@@ -134,20 +156,23 @@ def main():
         print(f"{name:42s} {res[name]:8.1f} us", flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
-        for name in ("frozen nn.Linear fwd+bwd", "PeraLinear fwd+bwd", "GenLoraLinear fwd+bwd"):
-            fn = cases[name]
+        todo = [(k, cases[k], 20) for k in ("frozen nn.Linear fwd+bwd", "PeraLinear fwd+bwd",
+                                             "GenLoraLinear fwd+bwd")]
+        todo += [(k, fn, 3) for k, fn in big.items()]
+        for name, fn, steps in todo:
             for _ in range(5):
                 fn()
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(20):
+                for _ in range(steps):
                     fn()
                 torch.cuda.synchronize()
-            print(f"== host profile of {name}, 20 steps (us are totals over the 20)")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+            print(f"== host profile of {name}, {steps} steps (us are totals over the {steps})")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "N": args.N, "dim": n,
+                       "big_N": args.big_N,
                        "host_us": res}, f, indent=1)
 
 

@@ -226,6 +226,7 @@ class SideStream {
   // Forks here: work run() queues waits for everything queued on the caller's stream so far.
   explicit SideStream(bool wanted) : main_(c10::cuda::getCurrentCUDAStream()), on_(wanted) {
     if (!on_) return;
+    POLYKERN_SCOPE("polykern::side_fork");
     side_ = side_stream(main_.device_index());
     events_ = &fork_join_events(main_.device_index());
     C10_CUDA_CHECK(cudaEventRecord(events_->fork, main_.stream()));
@@ -253,6 +254,7 @@ class SideStream {
   }
   void join() {
     if (!on_ || joined_) return;
+    POLYKERN_SCOPE("polykern::side_join");
     joined_ = true;
     C10_CUDA_CHECK(cudaEventRecord(events_->join, side_->stream()));
     C10_CUDA_CHECK(cudaStreamWaitEvent(main_.stream(), events_->join, 0));
@@ -279,6 +281,7 @@ static std::tuple<Tensor, Tensor, Tensor> forward_core(const Tensor& x2, const T
                                                        const std::optional<Tensor>& bias,
                                                        const Tensor& A, const Tensor& B,
                                                        bool merged, bool need_U) {
+  POLYKERN_SCOPE("polykern::forward_core");
   const int64_t N = x2.size(0), n = W.size(1), m = W.size(0);
   const bool want_U = need_U || !merged;
   Tensor U, Wm;
@@ -323,6 +326,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
     const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& x_adapter,
     const Tensor& W, const Tensor& A, const Tensor& B, const Tensor& U, bool need_x,
     bool need_xa, bool need_factors, const std::optional<Tensor>& W_merged) {
+  POLYKERN_SCOPE("polykern::adapter_backward");
   const int64_t n = W.size(1), m = W.size(0);
   const Tensor gy = grad_y.reshape({-1, m});                              // (N, m)
   const bool separate = x_adapter.has_value();

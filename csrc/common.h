@@ -3,12 +3,18 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <c10/util/Exception.h>
 
 #include <array>
 #include <optional>
 #include <string>
 #include <tuple>
+
+// A named range of host time in torch.profiler's tables (bench/host_overhead.py --profile): its
+// self time is what the op body spends outside ATen calls and other scopes (cuBLASLt's host
+// work, launches, checks). A thread-local check when no profiler runs.
+#define POLYKERN_SCOPE(name) RECORD_USER_SCOPE(name)
 
 namespace polykern {
 

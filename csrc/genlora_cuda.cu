@@ -619,6 +619,7 @@ GenParams to_dtype(const GenParams& p, at::ScalarType wt) {
 }
 
 std::tuple<Tensor, Tensor> synth(const GenParams& p, double scaling, at::ScalarType dtype) {
+  POLYKERN_SCOPE("polykern::genlora_synth");
   const auto pt = gen_param_dtype(p.M_A.scalar_type(), dtype);
   const GenParams w = to_dtype(p, pt);  // no copy in the supported dtype pairs
   const int64_t r = p.M_A.size(0), K = p.M_A.size(1), d = p.Z_A.size(1);
@@ -684,6 +685,7 @@ BwdShape backward_layout(int64_t r, int64_t K, int64_t d) {
 
 std::vector<Tensor> synth_backward(const Tensor& gA, const Tensor& gB, const GenParams& p,
                                    double scaling) {
+  POLYKERN_SCOPE("polykern::genlora_synth_backward");
   // The sums over coordinates are per-block partials added in a fixed order (no atomics): the
   // gradients repeat bitwise, so there is no alertNotDeterministic here.
   const auto pt = gen_param_dtype(p.M_A.scalar_type(), gA.scalar_type());
@@ -759,9 +761,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> genlora_linear_op(
     const Tensor& C_A, const Tensor& g_A, const Tensor& M_A, const Tensor& Z_B, const Tensor& C_B,
     const Tensor& g_B, const Tensor& M_B, double scaling, const std::optional<Tensor>& x_adapter,
     bool keep_merged) {
-  check_linear_inputs("genlora_linear", x, W, bias, x_adapter);
   GenParams p{Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B};
-  check_genlora_params("genlora_linear", x, p, W.size(1), W.size(0));
+  {
+    POLYKERN_SCOPE("polykern::checks");
+    check_linear_inputs("genlora_linear", x, W, bias, x_adapter);
+    check_genlora_params("genlora_linear", x, p, W.size(1), W.size(0));
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   auto [A, B] = synth(p, scaling, x.scalar_type());
   auto [y, U, W_merged] = adapter_forward(x, W, bias, A, B, x_adapter, keep_merged);

@@ -313,6 +313,7 @@ bool gy_pass_takes(const Tensor& gy, const Tensor& B, const Tensor& U) {
 }
 
 std::tuple<Tensor, Tensor> gy_pass(const Tensor& gy, const Tensor& B, const Tensor& U) {
+  POLYKERN_SCOPE("polykern::gy_pass");
   if (!gy_pass_takes(gy, B, U)) return {fast_mm(gy, B), fast_mm(gy.t(), U)};
   const int64_t N = gy.size(0), m = gy.size(1), R = B.size(1);
   constexpr int NC = Cfg<16, 4>::NC;

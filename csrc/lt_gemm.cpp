@@ -208,6 +208,7 @@ void tune(Plan& p, const Tensor& X, const Tensor& Y, float beta, const Tensor& C
 }  // namespace
 
 bool lt_gemm(const Tensor& X, const Tensor& Y, const Tensor& C, const Tensor& D, float beta) {
+  POLYKERN_SCOPE("polykern::lt_gemm");
   const at::ScalarType st = D.scalar_type();
   cudaDataType_t dt;
   switch (st) {

@@ -440,6 +440,7 @@ void check_pera_params(const char* op, const Tensor& x, const Tensor& A, const T
 std::tuple<Tensor, Tensor> expand(const Tensor& A, const Tensor& B, const Tensor& h,
                                   const Tensor& pair_i, const Tensor& pair_j, double scaling,
                                   at::ScalarType dtype) {
+  POLYKERN_SCOPE("polykern::pera_expand");
   const auto pt = gen_param_dtype(A.scalar_type(), dtype);
   const Tensor Aw = A.to(pt).contiguous(), Bw = B.to(pt).contiguous(), hw = h.to(pt).contiguous();
   const Tensor pi = pair_i.contiguous(), pj = pair_j.contiguous();
@@ -475,6 +476,7 @@ std::tuple<Tensor, Tensor, Tensor> expand_backward(const Tensor& gA_hat, const T
                                                    const Tensor& A, const Tensor& B,
                                                    const Tensor& h, const Tensor& pair_i,
                                                    const Tensor& pair_j, double scaling) {
+  POLYKERN_SCOPE("polykern::pera_expand_backward");
   const auto pt = gen_param_dtype(A.scalar_type(), gA_hat.scalar_type());
   const Tensor Aw = A.to(pt).contiguous(), Bw = B.to(pt).contiguous(), hw = h.to(pt).contiguous();
   const Tensor gAh = gA_hat.contiguous(), gBg = gB_gen.contiguous();
@@ -533,8 +535,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pera_linear_op(
     const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias, const Tensor& A,
     const Tensor& B, const Tensor& h, const Tensor& pair_i, const Tensor& pair_j,
     double scaling, const std::optional<Tensor>& x_adapter, bool keep_merged) {
-  check_linear_inputs("pera_linear", x, W, bias, x_adapter);
-  check_pera_params("pera_linear", x, A, B, h, pair_i, pair_j, W.size(1), W.size(0));
+  {
+    POLYKERN_SCOPE("polykern::checks");
+    check_linear_inputs("pera_linear", x, W, bias, x_adapter);
+    check_pera_params("pera_linear", x, A, B, h, pair_i, pair_j, W.size(1), W.size(0));
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   auto [A_hat, B_gen] = expand(A, B, h, pair_i, pair_j, scaling, x.scalar_type());
   auto [y, U, W_merged] = adapter_forward(x, W, bias, A_hat, B_gen, x_adapter, keep_merged);
