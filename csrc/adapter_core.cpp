@@ -153,9 +153,11 @@ static Tensor merged_weight(const Tensor& W, const Tensor& A, const Tensor& B) {
 // fill every SM for all of its time (its last wave is partial), and the skinny GEMMs fill the
 // gaps: measured with bench/overlap_probe.py on the H100 (torch's GEMMs, N = 8192,
 // n = m = 4096), U at R = 16 next to the base GEMM saved 14-16 of its 27 us, at R = 152 6-8 of
-// 30 us. Results are the same bit for bit (the same kernels run). Tensors made on the side
-// stream and used later on the caller's are recorded on it (record_stream), so the caching
-// allocator does not hand their memory to the side stream while the caller still reads them.
+// 30 us. Results are the same bit for bit (the same kernels run). Outputs of the side work are
+// allocated on the caller's stream before the fork (version 10), so the caching allocator ties
+// their memory to the caller's stream, whose later work follows the join: no record_stream,
+// whose events the allocator records and polls on every later allocation (host time, 4 per
+// step). Temporaries made and freed inside the side work stay on the side stream.
 // CUDA graph capture follows the fork and join (events). Mode 1 (default) forks only beside a
 // base GEMM of at least 2^36 multiply-adds (N n m; N = 4096 at 4096 x 4096, about 90 us on the
 // H100), where there is time to fill; below that the fork and join are host time for nothing.
@@ -248,10 +250,6 @@ class SideStream {
     const c10::cuda::CUDAStreamGuard guard(*side_);
     f();
   }
-  // a tensor made by run() that the caller's stream uses after the join
-  void hand_over(const Tensor& t) {
-    if (on_ && t.defined() && t.numel() > 0) t.record_stream(main_);
-  }
   void join() {
     if (!on_ || joined_) return;
     POLYKERN_SCOPE("polykern::side_join");
@@ -290,8 +288,8 @@ static std::tuple<Tensor, Tensor, Tensor> forward_core(const Tensor& x2, const T
   SideStream side(side_pays(want_U && N > 0, N, n, m));                   // forks after the merge
   Tensor y = bias.has_value() ? at::addmm(*bias, x2, Wb.t()) : at::mm(x2, Wb.t());  // (N, m)
   if (want_U) {
-    side.run([&] { U = fast_mm(xa2, A.t()); });                           // (N, R), beside y
-    side.hand_over(U);
+    U = at::empty({N, A.size(0)}, xa2.options());                        // on the caller's stream
+    side.run([&] { fast_mm_into(U, xa2, A.t()); });                       // (N, R), beside y
   }
   side.join();
   if (!merged) fast_addmm_(y, U, B.t());                                  // beta = 1: into y
@@ -347,15 +345,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
   // gU and gB from one read of gY where the fused kernel takes the operands (small R)
   const bool fused = need_factors && gy_pass_takes(gy, B, U);
   Tensor gU, gX, gXa, gA, gB;
+  // the side work's outputs, on the caller's stream (see SideStream)
+  const int64_t R = B.size(1);
+  if (need_gU) gU = at::empty({gy.size(0), R}, gy.options());
+  if (need_factors) {
+    gA = at::empty({R, n}, gy.options());
+    gB = at::empty({m, R}, gy.options());
+  }
   auto down = [&] {
-    if (fused) std::tie(gU, gB) = gy_pass(gy, B, U);                     // (N, R), (m, R)
-    else gU = fast_mm(gy, B);                                             // (N, R)
+    if (fused) gy_pass_into(gy, B, U, gU, gB);                            // (N, R), (m, R)
+    else fast_mm_into(gU, gy, B);                                         // (N, R)
   };
   auto factors = [&] {
     if (!need_factors) return;
     const Tensor xa2 = separate ? x_adapter->reshape({-1, n}) : x.reshape({-1, n});
-    gA = fast_mm(gU.t(), xa2);                                            // (R, n)
-    if (!fused) gB = fast_mm(gy.t(), U);                                  // (m, R)
+    fast_mm_into(gA, gU.t(), xa2);                                        // (R, n)
+    if (!fused) fast_mm_into(gB, gy.t(), U);                              // (m, R)
   };
   // gU and the factor gradients beside the base GEMM gX = gY W (or gY W_m) when there is one
   Tensor Wm;
@@ -366,7 +371,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
     if (need_gU) down();
     factors();
   });
-  for (const Tensor* t : {&gU, &gA, &gB}) side.hand_over(*t);
   side.join();
   if (need_x && !separate && !merged) fast_addmm_(gX, gU, A);             // adapter share, beta=1
   if (need_x) gX = gX.view(x.sizes());

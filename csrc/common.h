@@ -27,6 +27,12 @@ using at::Tensor;
 inline std::string num(int64_t v) { return std::to_string(v); }
 std::string shape(c10::IntArrayRef s);
 
+// t in dtype dt and contiguous: t itself when it already is, without a dispatcher call (a no-op
+// Tensor::to still goes through the dispatcher: host time on every call of every op).
+inline Tensor as_dtype(const Tensor& t, at::ScalarType dt) {
+  return t.scalar_type() == dt ? t.contiguous() : t.to(dt).contiguous();
+}
+
 // POLYKERN_POISON=1: fill every kernel output with NaN before the kernel writes it, so a test can
 // see an element that was never written.
 bool poison_enabled();
@@ -81,6 +87,7 @@ int64_t set_side_stream_mode(int64_t mode);
 // lt_gemm: D = X Y + beta C (C may be D itself); false when it cannot take the problem.
 bool lt_gemm(const Tensor& X, const Tensor& Y, const Tensor& C, const Tensor& D, float beta);
 Tensor fast_mm(const Tensor& X, const Tensor& Y);                    // X Y
+void fast_mm_into(const Tensor& D, const Tensor& X, const Tensor& Y);  // D = X Y, D (M, N) given
 void fast_addmm_(Tensor& D, const Tensor& X, const Tensor& Y);       // D += X Y
 Tensor fast_addmm(const Tensor& C, const Tensor& X, const Tensor& Y);  // C + X Y, C (M, N)
 
@@ -89,6 +96,9 @@ Tensor fast_addmm(const Tensor& C, const Tensor& X, const Tensor& Y);  // C + X 
 // m % 8 == 0, 16-byte aligned rows), else two GEMMs. POLYKERN_FUSED_GY=0 turns it off.
 bool gy_pass_takes(const Tensor& gy, const Tensor& B, const Tensor& U);
 std::tuple<Tensor, Tensor> gy_pass(const Tensor& gy, const Tensor& B, const Tensor& U);
+// The same into the caller's gU (N, R) and gB (m, R), both contiguous.
+void gy_pass_into(const Tensor& gy, const Tensor& B, const Tensor& U, const Tensor& gU,
+                  const Tensor& gB);
 
 // Shape and device checks common to both forward ops.
 void check_linear_inputs(const char* op, const Tensor& x, const Tensor& W,

@@ -614,7 +614,7 @@ Job<P, Wt> make_job(const Tensor& Z, const Tensor& C, const Tensor& g, const Ten
 }
 
 GenParams to_dtype(const GenParams& p, at::ScalarType wt) {
-  auto w = [&](const Tensor& t) { return t.to(wt).contiguous(); };
+  auto w = [&](const Tensor& t) { return as_dtype(t, wt); };
   return {w(p.Z_A), w(p.C_A), w(p.g_A), w(p.M_A), w(p.Z_B), w(p.C_B), w(p.g_B), w(p.M_B)};
 }
 
@@ -739,9 +739,9 @@ std::vector<Tensor> synth_backward(const Tensor& gA, const Tensor& gB, const Gen
             base, sh.S, ja.nblocks, jb.nblocks, chunks, K * d, K, outs);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const auto pd = p.M_A.scalar_type();  // .to() is a no-op where the dtypes already agree
-  return {gZ_A.to(pd), gC_A.to(pd), gg_A.to(pd), gM_A.to(pd),
-          gZ_B.to(pd), gC_B.to(pd), gg_B.to(pd), gM_B.to(pd)};
+  const auto pd = p.M_A.scalar_type();  // no copy where the dtypes already agree
+  return {as_dtype(gZ_A, pd), as_dtype(gC_A, pd), as_dtype(gg_A, pd), as_dtype(gM_A, pd),
+          as_dtype(gZ_B, pd), as_dtype(gC_B, pd), as_dtype(gg_B, pd), as_dtype(gM_B, pd)};
 }
 
 // ---- ops -----------------------------------------------------------------------------------

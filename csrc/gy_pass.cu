@@ -313,8 +313,26 @@ bool gy_pass_takes(const Tensor& gy, const Tensor& B, const Tensor& U) {
 }
 
 std::tuple<Tensor, Tensor> gy_pass(const Tensor& gy, const Tensor& B, const Tensor& U) {
-  POLYKERN_SCOPE("polykern::gy_pass");
+  const int64_t N = gy.size(0), m = gy.size(1), R = B.size(1);
   if (!gy_pass_takes(gy, B, U)) return {fast_mm(gy, B), fast_mm(gy.t(), U)};
+  // one allocation for both outputs (the host pays per call)
+  Tensor out = at::empty({(N + m) * R}, gy.options());
+  Tensor gU = out.narrow(0, 0, N * R).view({N, R}), gB = out.narrow(0, N * R, m * R).view({m, R});
+  gy_pass_into(gy, B, U, gU, gB);
+  return {gU, gB};
+}
+
+void gy_pass_into(const Tensor& gy, const Tensor& B, const Tensor& U, const Tensor& gU,
+                  const Tensor& gB) {
+  POLYKERN_SCOPE("polykern::gy_pass");
+  if (!gy_pass_takes(gy, B, U)) {
+    fast_mm_into(gU, gy, B);
+    fast_mm_into(gB, gy.t(), U);
+    return;
+  }
+  TORCH_INTERNAL_ASSERT(gU.is_contiguous() && gB.is_contiguous() &&
+                        gU.scalar_type() == gy.scalar_type() &&
+                        gB.scalar_type() == gy.scalar_type());
   const int64_t N = gy.size(0), m = gy.size(1), R = B.size(1);
   constexpr int NC = Cfg<16, 4>::NC;
   const int64_t CB = (m + NC * kTile - 1) / (NC * kTile);
@@ -326,11 +344,9 @@ std::tuple<Tensor, Tensor> gy_pass(const Tensor& gy, const Tensor& B, const Tens
   const int64_t RBn = (N + chunk - 1) / chunk;
   TORCH_CHECK(CB < 65536 && RBn < 65536, "polykern: gY pass grid too large");
   auto f32 = gy.options().dtype(at::kFloat);
-  // one allocation for both partials and one for both outputs (the host pays per call)
+  // one allocation for both partials (the host pays per call)
   Tensor parts = at::empty({(CB * N + RBn * m) * R}, f32);
-  Tensor out = at::empty({(N + m) * R}, gy.options());
-  maybe_poison(parts); maybe_poison(out);
-  Tensor gU = out.narrow(0, 0, N * R).view({N, R}), gB = out.narrow(0, N * R, m * R).view({m, R});
+  maybe_poison(parts); maybe_poison(gU); maybe_poison(gB);
   float* Pu = parts.data_ptr<float>();
   float* Pb = Pu + CB * N * R;
   GyArgs a{gy.data_ptr(), B.data_ptr(), U.data_ptr(), Pu, Pb, N, m, gy.stride(0),
@@ -351,7 +367,6 @@ std::tuple<Tensor, Tensor> gy_pass(const Tensor& gy, const Tensor& B, const Tens
         gB.data_ptr<at::Half>(), nu, nb, static_cast<int>(CB), static_cast<int>(RBn));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {gU, gB};
 }
 
 namespace {

@@ -285,6 +285,16 @@ Tensor fast_mm(const Tensor& X, const Tensor& Y) {
   return at::mm(X, Y);
 }
 
+void fast_mm_into(const Tensor& D, const Tensor& X, const Tensor& Y) {
+  maybe_poison(D);
+  if (X.dim() == 2 && Y.dim() == 2 && X.size(0) > 0 && Y.size(1) > 0 && X.size(1) > 0 &&
+      X.scalar_type() == Y.scalar_type() &&
+      (X.scalar_type() == at::kBFloat16 || X.scalar_type() == at::kHalf) &&
+      lt_gemm(X, Y, Tensor(), D, 0.0f))
+    return;
+  at::mm_out(const_cast<Tensor&>(D), X, Y);
+}
+
 void fast_addmm_(Tensor& D, const Tensor& X, const Tensor& Y) {
   if (!lt_gemm(X, Y, D, D, 1.0f)) D.addmm_(X, Y);
 }

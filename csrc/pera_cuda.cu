@@ -442,7 +442,7 @@ std::tuple<Tensor, Tensor> expand(const Tensor& A, const Tensor& B, const Tensor
                                   at::ScalarType dtype) {
   POLYKERN_SCOPE("polykern::pera_expand");
   const auto pt = gen_param_dtype(A.scalar_type(), dtype);
-  const Tensor Aw = A.to(pt).contiguous(), Bw = B.to(pt).contiguous(), hw = h.to(pt).contiguous();
+  const Tensor Aw = as_dtype(A, pt), Bw = as_dtype(B, pt), hw = as_dtype(h, pt);
   const Tensor pi = pair_i.contiguous(), pj = pair_j.contiguous();
   const int r = static_cast<int>(A.size(0)), P = static_cast<int>(pi.size(0));
   const int64_t n = A.size(1), m = B.size(0), R = r + P;
@@ -478,7 +478,7 @@ std::tuple<Tensor, Tensor, Tensor> expand_backward(const Tensor& gA_hat, const T
                                                    const Tensor& pair_j, double scaling) {
   POLYKERN_SCOPE("polykern::pera_expand_backward");
   const auto pt = gen_param_dtype(A.scalar_type(), gA_hat.scalar_type());
-  const Tensor Aw = A.to(pt).contiguous(), Bw = B.to(pt).contiguous(), hw = h.to(pt).contiguous();
+  const Tensor Aw = as_dtype(A, pt), Bw = as_dtype(B, pt), hw = as_dtype(h, pt);
   const Tensor gAh = gA_hat.contiguous(), gBg = gB_gen.contiguous();
   const Tensor pi = pair_i.contiguous(), pj = pair_j.contiguous();
   const int r = static_cast<int>(A.size(0)), P = static_cast<int>(pi.size(0));
@@ -519,7 +519,8 @@ std::tuple<Tensor, Tensor, Tensor> expand_backward(const Tensor& gA_hat, const T
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return {gA.to(A.scalar_type()), gB.to(B.scalar_type()), gh.to(h.scalar_type())};
+  return {as_dtype(gA, A.scalar_type()), as_dtype(gB, B.scalar_type()),
+          as_dtype(gh, h.scalar_type())};
 }
 
 // ---- ops -----------------------------------------------------------------------------------
