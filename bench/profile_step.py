@@ -78,7 +78,10 @@ def main():
             torch.cuda.synchronize()
         print(f"== {name}, N={args.N}, {args.dim}x{args.dim} bf16: GPU kernels, per step")
         cuda = torch.autograd.DeviceType.CUDA
-        kernels = [e for e in prof.key_averages() if getattr(e, "device_type", None) == cuda]
+        # kernels and memsets; not the polykern::* host scopes (csrc/common.h), which the
+        # profiler also shows as GPU ranges spanning the kernels launched inside them
+        kernels = [e for e in prof.key_averages() if getattr(e, "device_type", None) == cuda
+                   and not e.key.startswith("polykern::")]
         total = 0.0
         for e in sorted(kernels, key=lambda e: -e.device_time_total):
             us = e.device_time_total / 10

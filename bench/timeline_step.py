@@ -23,7 +23,8 @@ def main():
         events = prof.events()
         cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
         t0 = min(e.time_range.start for e in cpu)
-        gpu = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+        gpu = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                      and not e.name.startswith("polykern::")),  # host scopes' GPU ranges
                      key=lambda e: e.time_range.start)
         print(f"== {name}, N={args.N}: one synchronised step (us from its start)")
         rows = []
