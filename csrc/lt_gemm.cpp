@@ -274,25 +274,18 @@ bool lt_gemm(const Tensor& X, const Tensor& Y, const Tensor& C, const Tensor& D,
 bool lt_gemm(const Tensor&, const Tensor&, const Tensor&, const Tensor&, float) { return false; }
 #endif
 
-Tensor fast_mm(const Tensor& X, const Tensor& Y) {
-  if (X.dim() == 2 && Y.dim() == 2 && X.size(0) > 0 && Y.size(1) > 0 && X.size(1) > 0 &&
-      X.scalar_type() == Y.scalar_type() &&
-      (X.scalar_type() == at::kBFloat16 || X.scalar_type() == at::kHalf)) {
-    Tensor D = at::empty({X.size(0), Y.size(1)}, X.options());
-    maybe_poison(D);
-    if (lt_gemm(X, Y, Tensor(), D, 0.0f)) return D;
-  }
-  return at::mm(X, Y);
-}
-
+// lt_gemm declines what it cannot take (dtypes other than bf16/fp16, empty or mismatched
+// shapes, unsupported layouts); at::mm_out serves those, with its own error messages.
 void fast_mm_into(const Tensor& D, const Tensor& X, const Tensor& Y) {
   maybe_poison(D);
-  if (X.dim() == 2 && Y.dim() == 2 && X.size(0) > 0 && Y.size(1) > 0 && X.size(1) > 0 &&
-      X.scalar_type() == Y.scalar_type() &&
-      (X.scalar_type() == at::kBFloat16 || X.scalar_type() == at::kHalf) &&
-      lt_gemm(X, Y, Tensor(), D, 0.0f))
-    return;
-  at::mm_out(const_cast<Tensor&>(D), X, Y);
+  if (!lt_gemm(X, Y, Tensor(), D, 0.0f)) at::mm_out(const_cast<Tensor&>(D), X, Y);
+}
+
+Tensor fast_mm(const Tensor& X, const Tensor& Y) {
+  TORCH_CHECK(X.dim() == 2 && Y.dim() == 2, "polykern: fast_mm takes 2-D operands");
+  Tensor D = at::empty({X.size(0), Y.size(1)}, X.options());
+  fast_mm_into(D, X, Y);
+  return D;
 }
 
 void fast_addmm_(Tensor& D, const Tensor& X, const Tensor& Y) {
