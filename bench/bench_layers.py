@@ -21,6 +21,7 @@ step's gradients included), polykern and naive.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import statistics
@@ -31,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import polykern
-from polykern import GenLoraLinear, PeraLinear
+from polykern import GenLoraLinear, PeraLinear, ops
 from polykern import reference as ref
 
 DEV = "cuda"
@@ -212,18 +213,33 @@ def bench_case(op, r, K, N, n, m, terms, modes, impl_filter=None, with_compile=F
                                                       "dtype", "mode") if k in row},
                                  K if op == "genlora" else None)
         if "polykern" in impls and mode == "fwd+bwd":
+            # the memory the op graphs' pools hold for this case (outputs and temporaries of one
+            # forward and one backward graph), then the peaks on the plain path: op graphs keep
+            # their outputs' storage allocated, which a peak over one step would not count
+            ops.clear_op_graphs()
+            fn = step_fn(impls["polykern"][0], x, gy, impls["polykern"][1], mode)
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            rows.append({"op": op, "terms": terms if op == "pera" else None, "r": r,
+                         "N": N, "in": n, "out": m, "dtype": "bfloat16", "mode": mode,
+                         "impl": "polykern", "metric": "op_graph_pool_MiB",
+                         "value": round(ops.op_graph_stats()["bytes"] / 2**20, 1)})
+            del fn
+            ops.clear_op_graphs()
             torch.cuda.synchronize()
             for name in ("polykern", "naive"):
                 # steady state, as in a training loop: the previous step's gradients are alive
                 # when a step starts (and freed by it); the peak is counted above that
                 fn = step_fn(impls[name][0], x, gy, impls[name][1], mode)
-                fn()
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-                fn()
-                torch.cuda.synchronize()
+                with variant_setting("no_op_graphs"):
+                    fn()
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                    fn()
+                    torch.cuda.synchronize()
                 peak = (torch.cuda.max_memory_allocated() - before) / 2**20
                 rows.append({"op": op, "terms": terms if op == "pera" else None, "r": r,
                              "N": N, "in": n, "out": m, "dtype": "bfloat16", "mode": mode,
@@ -243,7 +259,24 @@ def caller_thread_fn(forward, x, gy, params, mode):
     return fn
 
 
-VARIANTS = {"graph": graph_fn, "caller_thread": caller_thread_fn}
+VARIANTS = {"graph": graph_fn, "caller_thread": caller_thread_fn,
+            # the plain eager step with polykern's op graphs off (version 11's switch), timed
+            # in the same run as the default (on) for the before/after of that change
+            "no_op_graphs": step_fn}
+
+
+@contextlib.contextmanager
+def variant_setting(variant):
+    """Process-wide settings a variant runs under (op graphs off for "no_op_graphs")."""
+    if variant != "no_op_graphs":
+        yield
+        return
+    old = ops.set_op_graphs(False)
+    try:
+        yield
+    finally:
+        ops.set_op_graphs(old)
+        ops.clear_op_graphs()
 
 
 def variant_rows(variant, impls, x, gy, mode, eager_base_fn, reps, key, K):
@@ -252,24 +285,28 @@ def variant_rows(variant, impls, x, gy, mode, eager_base_fn, reps, key, K):
     ``ratio_vs_eager_frozen`` against the plain eager frozen step."""
     make = VARIANTS[variant]
     rows = []
-    base_v = make(impls["frozen_linear"][0], x, gy, [], mode)
-    base_ms = time_pair(base_v, base_v, reps)[0]
-    for name in ("frozen_linear", "polykern", "lora_eager"):
-        if name not in impls:
-            continue
-        fwd, params = impls[name]
-        fn = base_v if name == "frozen_linear" else make(fwd, x, gy, params, mode)
-        if name == "frozen_linear":
-            ms, ratio = base_ms, 1.0
-        else:
-            _, ms, ratio = time_pair(base_v, fn, reps)
-        _, _, ratio_eager = time_pair(eager_base_fn, fn, reps)
-        row = dict(key, impl=name, variant=variant, ms=round(ms, 4), ratio=round(ratio, 3),
-                   ratio_vs_eager_frozen=round(ratio_eager, 3))
-        if K is not None:
-            row["K"] = K
-        rows.append(row)
-        del fn
+    with variant_setting(variant):
+        base_v = make(impls["frozen_linear"][0], x, gy, [], mode)
+        base_ms = time_pair(base_v, base_v, reps)[0]
+        for name in ("frozen_linear", "polykern", "lora_eager"):
+            if name not in impls:
+                continue
+            fwd, params = impls[name]
+            fn = base_v if name == "frozen_linear" else make(fwd, x, gy, params, mode)
+            if name == "frozen_linear":
+                ms, ratio = base_ms, 1.0
+            else:
+                _, ms, ratio = time_pair(base_v, fn, reps)
+            _, _, ratio_eager = time_pair(eager_base_fn, fn, reps)
+            row = dict(key, impl=name, variant=variant, ms=round(ms, 4), ratio=round(ratio, 3),
+                       ratio_vs_eager_frozen=round(ratio_eager, 3))
+            if variant == "no_op_graphs" and name == "polykern":
+                _, _, row["ratio_stream"] = time_pair(base_v, fn, reps, batch=STREAM)
+                row["ratio_stream"] = round(row["ratio_stream"], 3)
+            if K is not None:
+                row["K"] = K
+            rows.append(row)
+            del fn
     for t in [x] + [p for _, ps in impls.values() for p in ps]:
         t.grad = None
     del base_v
@@ -289,7 +326,7 @@ def main():
     ap.add_argument("--cases", default=None,
                     help="comma-separated indices into the case list (no N sweep, no compile or "
                          "peft baselines): a quick look at chosen rows")
-    ap.add_argument("--variants", default="graph",
+    ap.add_argument("--variants", default="graph,no_op_graphs",
                     help="comma-separated host-path variants timed besides plain eager "
                          f"(of {sorted(VARIANTS)}; '' for none)")
     args = ap.parse_args()
@@ -361,7 +398,8 @@ def print_rows(rows):
             print(f"{x['op']:8s} {str(x.get('terms')):6s} r={x['r']:<3d} K={x.get('K', '-')!s:4s}"
                   f" N={x['N']:<6d} {x['in']}x{x['out']:<6d} {x['mode']:8s} {x['impl']:15s}"
                   f" {x['ms']:8.3f} ms  {x['ratio']:6.2f}x  {x['variant']} (vs eager frozen "
-                  f"{x['ratio_vs_eager_frozen']:.2f}x)")
+                  f"{x['ratio_vs_eager_frozen']:.2f}x)"
+                  + (f" stream {x['ratio_stream']:.2f}x" if "ratio_stream" in x else ""))
         elif "ms" in x:
             extra = f"  adapter {x['adapter_TFLOPs']} TFLOP/s, floor {x['flop_floor_ratio']}x" \
                 if "adapter_TFLOPs" in x else ""

@@ -13,7 +13,8 @@ for cls, cfg in ((polykern.PeraLinear, {"terms": "full"}), (polykern.PeraLinear,
             for p in layer.adapter_parameters():
                 p.add_(torch.randn_like(p) * 0.1)
         x = torch.randn(3, 7, 37, device="cuda", dtype=dtype, requires_grad=True)
-        layer(x).float().square().sum().backward()
+        for _ in range(4):  # the same call again: captured (op graphs), then replayed
+            layer(x).float().square().sum().backward()
         # skinny GEMMs on the side stream, merged path (merged weight kept) and unmerged
         old = torch.ops.polykern._set_side_stream(2)
         for policy in ("always", "never"):
@@ -28,4 +29,6 @@ for N, m, R in ((70, 136, 16), (300, 72, 8)):
     assert torch.ops.polykern._gy_pass_takes(gy, B, U)
     torch.ops.polykern._gy_pass(gy, B, U)
 torch.cuda.synchronize()
-print("sanitize case ran")
+stats = polykern.ops.op_graph_stats()
+assert stats["replays"] > 0, stats
+print("sanitize case ran; op graphs:", stats)

@@ -4,12 +4,18 @@
 // buffer). The skinny GEMMs run on a side stream beside the long base GEMM (version 8).
 #include "common.h"
 
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -378,6 +384,286 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
   auto empty = [&](Tensor& t) { if (!t.defined()) t = at::empty({0}, x.options()); };
   empty(gX); empty(gXa); empty(gA); empty(gB);
   return {gX, gXa, gA, gB};
+}
+
+// ---- op graphs (version 11) ------------------------------------------------------------------
+// See common.h. Why: an eager PERA step at N = 2048 made about ten GPU calls (the base GEMMs,
+// six cuBLASLt matmuls, the generator kernels) at 10-60 us of host time each on the lent H100
+// machine's host, so the step ran at the host's pace (2.0-2.9x the frozen layer eager against
+// 1.4x captured; csrc/README.md). Replaying the op's work as one graph leaves one launch.
+//
+// Safety, in order of the ways a replay could go wrong:
+// - Inputs: the graph reads the addresses it was captured with. The key holds every input's
+//   address, shape, strides and dtype, so a replay happens only when this call's inputs sit at
+//   those addresses in that layout; what they hold now is what the graph reads.
+// - Outputs: allocated during capture, in the graph's private pool, so a replay rewrites the
+//   memory of the outputs it handed out before. A slot replays only when the cache's own tensors
+//   are the only holders of those storages (the use counts noted at capture); callers get fresh
+//   tensors on the same storages (shallow copies, own version counters, no autograd history).
+// - Temporaries: in the private pool too, used by nothing but the graph; replays of one graph
+//   are ordered on the caller's stream (the stream is part of the key).
+// - Capture: on the caller's stream, or on a dedicated one when the caller is on the default
+//   stream (graphs cannot be captured there); thread-local capture mode, so other threads'
+//   CUDA calls are not affected. Never inside a capture of the caller's (torch.cuda.graph):
+//   the body then runs as usual and becomes part of that graph. A capture that fails leaves the
+//   key to the plain path for good.
+// - Memory: each graph keeps its pool (outputs and temporaries) until clear_op_graphs(); new
+//   graphs are made only while the pools' total stays under the budget (default 1 GiB).
+namespace {
+
+constexpr int kSlotsPerKey = 2;       // a caller holding the last outputs gets a second graph
+constexpr size_t kMaxGraphs = 256;    // graphs in all
+constexpr size_t kMaxKeys = 8192;     // keys remembered (seen once, or graphed)
+
+std::atomic<int> g_graph_mode{-1};
+std::atomic<int64_t> g_graph_budget{-1};  // bytes
+
+int graph_mode() {
+  int mode = g_graph_mode.load();
+  if (mode < 0) {
+    const char* v = std::getenv("POLYKERN_OP_GRAPHS");
+    mode = (v != nullptr && std::string(v) == "0") ? 0 : 1;
+    g_graph_mode.store(mode);
+  }
+  return mode;
+}
+
+int64_t graph_budget() {
+  int64_t b = g_graph_budget.load();
+  if (b < 0) {
+    const char* v = std::getenv("POLYKERN_OP_GRAPH_MB");
+    int64_t mb = 1024;
+    if (v != nullptr && *v != '\0') mb = std::max<int64_t>(0, std::atoll(v));
+    b = mb << 20;
+    g_graph_budget.store(b);
+  }
+  return b;
+}
+
+struct GraphSlot {
+  std::unique_ptr<at::cuda::CUDAGraph> graph;
+  std::vector<Tensor> outputs;    // in the graph's pool
+  std::vector<size_t> expected;   // each output storage's use count when only the cache holds it
+  int64_t bytes = 0;              // the pool's reserved bytes
+};
+
+struct GraphEntry {
+  std::vector<std::unique_ptr<GraphSlot>> slots;
+  int sightings = 0;
+  bool plain_only = false;  // a capture failed: never again for this key
+};
+
+struct GraphCache {
+  std::mutex mu;
+  std::map<std::vector<int64_t>, GraphEntry> entries;
+  size_t graphs = 0;
+  int64_t bytes = 0, replays = 0, captures = 0;
+};
+
+GraphCache& graph_cache() {
+  static auto* c = new GraphCache();  // never destroyed: graphs outlive no CUDA context
+  return *c;
+}
+
+bool slot_free(const GraphSlot& s) {
+  for (size_t i = 0; i < s.outputs.size(); ++i)
+    if (s.outputs[i].defined() && s.outputs[i].storage().use_count() != s.expected[i])
+      return false;
+  return true;
+}
+
+std::vector<Tensor> hand_out(const GraphSlot& s) {
+  std::vector<Tensor> out;
+  out.reserve(s.outputs.size());
+  for (const Tensor& t : s.outputs) {
+    if (!t.defined()) {
+      out.emplace_back();
+      continue;
+    }
+    out.push_back(Tensor::wrap_tensor_impl(t.unsafeGetTensorImpl()->shallow_copy_and_detach(
+        /*version_counter=*/c10::VariableVersion(0), /*allow_tensor_metadata_change=*/true)));
+  }
+  return out;
+}
+
+int64_t reserved_bytes(c10::DeviceIndex device) {
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
+  return stats.reserved_bytes[0].current;  // StatType::AGGREGATE
+}
+
+// The stream a call on `caller` is captured on: the caller's own, or one per device beside the
+// default stream (from the high-priority pool, so never the side stream of the adapter core).
+c10::cuda::CUDAStream capture_stream_for(const c10::cuda::CUDAStream& caller) {
+  const c10::DeviceIndex dev = caller.device_index();
+  if (caller != c10::cuda::getDefaultCUDAStream(dev)) return caller;
+  static std::mutex mu;
+  static std::vector<std::optional<c10::cuda::CUDAStream>> streams;
+  std::lock_guard<std::mutex> lock(mu);
+  if (streams.size() <= static_cast<size_t>(dev)) streams.resize(dev + 1);
+  if (!streams[dev].has_value())
+    streams[dev] = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, dev);
+  return *streams[dev];
+}
+
+// Captures body into slot; false when the capture failed (nothing ran: the caller runs body).
+bool capture(GraphSlot& slot, const c10::cuda::CUDAStream& caller,
+             const std::function<std::vector<Tensor>()>& body) {
+  const c10::cuda::CUDAStream cs = capture_stream_for(caller);
+  const int64_t before = reserved_bytes(caller.device_index());
+  auto graph = std::make_unique<at::cuda::CUDAGraph>();
+  std::vector<Tensor> outs;
+  {
+    const c10::cuda::CUDAStreamGuard guard(cs);
+    try {
+      graph->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+    } catch (...) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    try {
+      outs = body();
+    } catch (...) {
+      outs.clear();
+      try {
+        graph->capture_end();
+      } catch (...) {
+      }
+      (void)cudaGetLastError();  // a capture error is not sticky; leave no trace of it
+      return false;
+    }
+    try {
+      graph->capture_end();
+    } catch (...) {
+      outs.clear();
+      (void)cudaGetLastError();
+      return false;
+    }
+  }
+  slot.graph = std::move(graph);
+  slot.outputs = std::move(outs);
+  slot.expected.clear();
+  for (const Tensor& t : slot.outputs)
+    slot.expected.push_back(t.defined() ? t.storage().use_count() : 0);
+  slot.bytes = std::max<int64_t>(0, reserved_bytes(caller.device_index()) - before);
+  return true;
+}
+
+}  // namespace
+
+GraphKey& GraphKey::add(double d) {
+  int64_t bits = 0;
+  std::memcpy(&bits, &d, sizeof(bits));
+  return add(bits);
+}
+
+GraphKey& GraphKey::add(const Tensor& t) {
+  if (!t.defined()) return add(int64_t{-1});
+  add(static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())));
+  add(static_cast<int64_t>(t.scalar_type()));
+  add(static_cast<int64_t>(t.device().index()));
+  add(t.dim());
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    add(t.size(d));
+    add(t.stride(d));
+  }
+  return *this;
+}
+
+std::vector<Tensor> run_graphed(GraphKey key, double work,
+                                const std::function<std::vector<Tensor>()>& body) {
+  if (graph_mode() == 0 || !(work > 0)) return body();
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None)
+    return body();  // inside the caller's own capture
+  const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream();
+  key.add(caller.id())
+      .add(static_cast<int64_t>(caller.device_index()))
+      .add(get_merge_policy())
+      .add(get_keep_policy())
+      .add(static_cast<int64_t>(side_mode()))
+      .add(static_cast<int64_t>(at::globalContext().deterministicAlgorithms()));
+  GraphCache& c = graph_cache();
+  std::unique_lock<std::mutex> lock(c.mu);
+  auto it = c.entries.find(key.values());
+  if (it == c.entries.end()) {
+    if (c.entries.size() >= kMaxKeys) {  // forget the keys seen once; graphed ones stay
+      for (auto e = c.entries.begin(); e != c.entries.end();)
+        e = e->second.slots.empty() ? c.entries.erase(e) : std::next(e);
+      if (c.entries.size() >= kMaxKeys) {
+        lock.unlock();
+        return body();
+      }
+    }
+    it = c.entries.emplace(std::move(key.values()), GraphEntry()).first;
+  }
+  GraphEntry& e = it->second;
+  if (e.plain_only) {
+    lock.unlock();
+    return body();
+  }
+  for (const auto& s : e.slots) {
+    if (slot_free(*s)) {
+      POLYKERN_SCOPE("polykern::graph_replay");
+      s->graph->replay();
+      ++c.replays;
+      return hand_out(*s);
+    }
+  }
+  // first sighting: the plain path (it also times the cuBLASLt plans, which a capture cannot)
+  if (++e.sightings < 2 || e.slots.size() >= static_cast<size_t>(kSlotsPerKey) ||
+      c.graphs >= kMaxGraphs || c.bytes >= graph_budget()) {
+    lock.unlock();
+    return body();
+  }
+  POLYKERN_SCOPE("polykern::graph_capture");
+  auto slot = std::make_unique<GraphSlot>();
+  if (!capture(*slot, caller, body)) {
+    e.plain_only = true;
+    lock.unlock();
+    return body();
+  }
+  slot->graph->replay();
+  std::vector<Tensor> out = hand_out(*slot);
+  c.bytes += slot->bytes;
+  ++c.graphs;
+  ++c.captures;
+  ++c.replays;
+  e.slots.push_back(std::move(slot));
+  return out;
+}
+
+int64_t set_op_graph_mode(int64_t mode) {
+  TORCH_CHECK(mode == 0 || mode == 1, "polykern: op graph mode must be 0 (off) or 1 (on), got ",
+              num(mode));
+  const int64_t old = graph_mode();
+  g_graph_mode.store(static_cast<int>(mode));
+  return old;
+}
+
+int64_t set_op_graph_budget_mb(int64_t mb) {
+  TORCH_CHECK(mb >= 0, "polykern: the op graph budget must be >= 0 MiB, got ", num(mb));
+  const int64_t old = graph_budget() >> 20;
+  g_graph_budget.store(mb << 20);
+  return old;
+}
+
+void clear_op_graphs() {
+  GraphCache& c = graph_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  if (c.graphs > 0) {  // no replay may still be running when the pools are released
+    for (c10::DeviceIndex d = 0; d < c10::cuda::device_count(); ++d) {
+      const c10::cuda::CUDAGuard guard(d);
+      C10_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+  }
+  c.entries.clear();
+  c.graphs = 0;
+  c.bytes = 0;
+}
+
+std::vector<int64_t> op_graph_stats() {
+  GraphCache& c = graph_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  return {static_cast<int64_t>(c.graphs), c.bytes, c.replays, c.captures};
 }
 
 }  // namespace polykern

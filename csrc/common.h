@@ -7,6 +7,8 @@
 #include <c10/util/Exception.h>
 
 #include <array>
+#include <functional>
+#include <vector>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -99,6 +101,47 @@ std::tuple<Tensor, Tensor> gy_pass(const Tensor& gy, const Tensor& B, const Tens
 // The same into the caller's gU (N, R) and gB (m, R), both contiguous.
 void gy_pass_into(const Tensor& gy, const Tensor& B, const Tensor& U, const Tensor& gU,
                   const Tensor& gB);
+
+// ---- op graphs (version 11, adapter_core.cpp) ------------------------------------------------
+// An eager op's GPU work replayed as one CUDA graph: the host cost of a call is then one graph
+// launch instead of one ATen/cuBLAS/kernel call per GPU step (tens of microseconds each on the
+// H100 machine's host). The key of a call is every input's address, shape, strides and dtype,
+// the scalars, the policies and the caller's stream: a call whose key was seen before is
+// captured (outputs and temporaries in the graph's private memory pool) and replayed from then
+// on. A replay writes its outputs into the memory of the previous replay's outputs, so it is
+// taken only when nothing outside the cache still holds those (their storages' use counts);
+// otherwise a second graph is captured for the key, or the op runs as usual.
+class GraphKey {
+ public:
+  GraphKey& add(int64_t v) {
+    v_.push_back(v);
+    return *this;
+  }
+  GraphKey& add(double d);
+  GraphKey& add(const Tensor& t);
+  GraphKey& add(const std::optional<Tensor>& t) { return t.has_value() ? add(*t) : add(int64_t{-2}); }
+  std::vector<int64_t>& values() { return v_; }
+
+ private:
+  std::vector<int64_t> v_;
+};
+// Runs body (GPU work on the current stream; returns the op's outputs) directly, or through a
+// cached graph of it. `work`: the base GEMM's multiply-adds (0: nothing to run, never graphed).
+std::vector<Tensor> run_graphed(GraphKey key, double work,
+                                const std::function<std::vector<Tensor>()>& body);
+// The multiply-adds of the base GEMM of x (..., n) and W (m, n), run_graphed's `work`.
+inline double graph_work(const Tensor& x, const Tensor& W) {
+  return static_cast<double>(x.numel()) * static_cast<double>(W.size(0));
+}
+// 0 = off, 1 = on (default; POLYKERN_OP_GRAPHS=0 at start turns it off); returns the old mode.
+int64_t set_op_graph_mode(int64_t mode);
+// Graphs hold at most this much GPU memory (their private pools) together; more are not made.
+// POLYKERN_OP_GRAPH_MB at start, default 1024. Returns the old budget.
+int64_t set_op_graph_budget_mb(int64_t mb);
+// Destroys every cached graph (after a device synchronisation); outputs still held stay valid.
+void clear_op_graphs();
+// (graphs, bytes their pools reserved, replays so far, captures so far)
+std::vector<int64_t> op_graph_stats();
 
 // Shape and device checks common to both forward ops.
 void check_linear_inputs(const char* op, const Tensor& x, const Tensor& W,

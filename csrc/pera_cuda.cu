@@ -542,9 +542,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pera_linear_op(
     check_pera_params("pera_linear", x, A, B, h, pair_i, pair_j, W.size(1), W.size(0));
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  auto [A_hat, B_gen] = expand(A, B, h, pair_i, pair_j, scaling, x.scalar_type());
-  auto [y, U, W_merged] = adapter_forward(x, W, bias, A_hat, B_gen, x_adapter, keep_merged);
-  return {y, U, A_hat, B_gen, W_merged};
+  GraphKey key;
+  key.add(int64_t{101}).add(x).add(W).add(bias).add(A).add(B).add(h).add(pair_i).add(pair_j);
+  key.add(scaling).add(x_adapter).add(int64_t{keep_merged});
+  auto o = run_graphed(std::move(key), graph_work(x, W), [&]() -> std::vector<Tensor> {
+    auto [A_hat, B_gen] = expand(A, B, h, pair_i, pair_j, scaling, x.scalar_type());
+    auto [y, U, W_merged] = adapter_forward(x, W, bias, A_hat, B_gen, x_adapter, keep_merged);
+    return {y, U, A_hat, B_gen, W_merged};
+  });
+  return {o[0], o[1], o[2], o[3], o[4]};
 }
 
 Tensor pera_linear_inference_op(const Tensor& x, const Tensor& W,
@@ -554,8 +560,13 @@ Tensor pera_linear_inference_op(const Tensor& x, const Tensor& W,
   check_linear_inputs("pera_linear_inference", x, W, bias, std::nullopt);
   check_pera_params("pera_linear_inference", x, A, B, h, pair_i, pair_j, W.size(1), W.size(0));
   const c10::cuda::CUDAGuard guard(x.device());
-  auto [A_hat, B_gen] = expand(A, B, h, pair_i, pair_j, scaling, x.scalar_type());
-  return adapter_linear(x, W, bias, A_hat, B_gen);
+  GraphKey key;
+  key.add(int64_t{102}).add(x).add(W).add(bias).add(A).add(B).add(h).add(pair_i).add(pair_j);
+  key.add(scaling);
+  return run_graphed(std::move(key), graph_work(x, W), [&]() -> std::vector<Tensor> {
+    auto [A_hat, B_gen] = expand(A, B, h, pair_i, pair_j, scaling, x.scalar_type());
+    return {adapter_linear(x, W, bias, A_hat, B_gen)};
+  })[0];
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pera_linear_backward_op(
@@ -566,17 +577,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pera_linear_backward_op(
     const std::optional<Tensor>& W_merged) {
   check_cuda(grad_y, "grad_y", x);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto [gX, gXa, gA_hat, gB_gen] = adapter_backward(grad_y, x, x_adapter, W, A_hat, B_gen, U,
-                                                    output_mask[0], output_mask[1],
-                                                    output_mask[2], W_merged);
-  Tensor gA, gB, gh;
-  if (output_mask[2]) {
-    std::tie(gA, gB, gh) = expand_backward(gA_hat, gB_gen, A, B, h, pair_i, pair_j, scaling);
-  } else {
-    gA = at::empty({0}, A.options()); gB = at::empty({0}, B.options());
-    gh = at::empty({0}, h.options());
-  }
-  return {gX, gXa, gA, gB, gh};
+  GraphKey key;
+  key.add(int64_t{103}).add(grad_y).add(x).add(x_adapter).add(W).add(A).add(B).add(h);
+  key.add(pair_i).add(pair_j).add(scaling).add(U).add(A_hat).add(B_gen).add(W_merged);
+  key.add(int64_t{output_mask[0]}).add(int64_t{output_mask[1]}).add(int64_t{output_mask[2]});
+  auto o = run_graphed(std::move(key), graph_work(x, W), [&]() -> std::vector<Tensor> {
+    auto [gX, gXa, gA_hat, gB_gen] = adapter_backward(grad_y, x, x_adapter, W, A_hat, B_gen, U,
+                                                      output_mask[0], output_mask[1],
+                                                      output_mask[2], W_merged);
+    Tensor gA, gB, gh;
+    if (output_mask[2]) {
+      std::tie(gA, gB, gh) = expand_backward(gA_hat, gB_gen, A, B, h, pair_i, pair_j, scaling);
+    } else {
+      gA = at::empty({0}, A.options()); gB = at::empty({0}, B.options());
+      gh = at::empty({0}, h.options());
+    }
+    return {gX, gXa, gA, gB, gh};
+  });
+  return {o[0], o[1], o[2], o[3], o[4]};
 }
 
 }  // namespace

@@ -78,6 +78,12 @@ TORCH_LIBRARY(polykern, m) {
   m.def("_keeps_merged(int rows, int n, int m) -> bool", &polykern::keeps_merged);
   // The side stream of the adapter core, for tests: 0 off, 1 auto, 2 always; returns the old.
   m.def("_set_side_stream(int mode) -> int", &polykern::set_side_stream_mode);
+  // Op graphs (adapter_core.cpp, version 11): 0 off, 1 on; the pools' budget in MiB (both
+  // return the old value); destroy them all; (graphs, pool bytes, replays, captures).
+  m.def("_set_op_graphs(int mode) -> int", &polykern::set_op_graph_mode);
+  m.def("_set_op_graph_budget(int mb) -> int", &polykern::set_op_graph_budget_mb);
+  m.def("_clear_op_graphs() -> ()", &polykern::clear_op_graphs);
+  m.def("_op_graph_stats() -> int[]", &polykern::op_graph_stats);
   // The adapter core's GEMM helper (csrc/lt_gemm.cpp) by itself, for tests: X Y (+ C).
   m.def("_adapter_gemm(Tensor X, Tensor Y, Tensor? C=None) -> Tensor");
   // The fused gY pass (csrc/gy_pass.cu) by itself, for tests: (grad_y B, grad_y^T U), and

@@ -37,7 +37,8 @@ except ImportError as e:  # no CUDA build: the reference path serves
 
 __all__ = ["cuda_available", "extension_loaded", "pera_linear", "genlora_linear",
            "pera_expand", "genlora_expand", "set_merge_policy", "get_merge_policy",
-           "get_keep_policy", "merge_policy"]
+           "get_keep_policy", "merge_policy", "set_op_graphs", "clear_op_graphs",
+           "op_graph_stats"]
 
 
 def extension_loaded() -> bool:
@@ -270,6 +271,46 @@ def merge_policy(policy: str, keep: Optional[str] = None):
         yield
     finally:
         set_merge_policy(old, old_keep)
+
+
+def set_op_graphs(enabled: bool, budget_mb: Optional[int] = None) -> bool:
+    """Whether the CUDA ops replay their GPU work as cached CUDA graphs (on by default;
+    ``POLYKERN_OP_GRAPHS=0`` at start turns it off). Returns the previous setting.
+
+    A call whose inputs (addresses, shapes, strides, dtypes), scalars and policies match an
+    earlier call is captured once and then replayed: one graph launch instead of about five GPU
+    calls per op, which is what an eager step costs on the host at small N (csrc/README.md,
+    version 11). A replay rewrites the memory of the outputs it returned the time before, so it
+    is only taken when nothing outside polykern still holds those outputs; otherwise a second
+    graph is made for the same call, or the op runs as usual. The results are the same bit for
+    bit. Graphs keep their outputs' and temporaries' memory reserved until
+    :func:`clear_op_graphs`; no new graphs are made once they hold ``budget_mb`` MiB together
+    (default 1024, or ``POLYKERN_OP_GRAPH_MB``; ``None`` leaves it as it is)."""
+    if not extension_loaded():
+        return False
+    if budget_mb is not None:
+        if not isinstance(budget_mb, int) or isinstance(budget_mb, bool) or budget_mb < 0:
+            raise ValueError(f"budget_mb must be a non-negative int, got {budget_mb!r}")
+        torch.ops.polykern._set_op_graph_budget(budget_mb)
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    return bool(torch.ops.polykern._set_op_graphs(int(enabled)))
+
+
+def clear_op_graphs() -> None:
+    """Destroy the cached op graphs (after a device synchronisation) and release their memory
+    pools; tensors they returned stay valid."""
+    if extension_loaded():
+        torch.ops.polykern._clear_op_graphs()
+
+
+def op_graph_stats() -> dict:
+    """``{"graphs", "bytes", "replays", "captures"}``: the cached op graphs, the GPU memory their
+    pools reserved, and the replays and captures since the process started."""
+    if not extension_loaded():
+        return {"graphs": 0, "bytes": 0, "replays": 0, "captures": 0}
+    g, b, r, c = torch.ops.polykern._op_graph_stats()
+    return {"graphs": g, "bytes": b, "replays": r, "captures": c}
 
 
 def _no_grad_needed(*tensors) -> bool:
