@@ -444,6 +444,7 @@ struct GraphSlot {
   std::unique_ptr<at::cuda::CUDAGraph> graph;
   std::vector<Tensor> outputs;    // in the graph's pool
   std::vector<size_t> expected;   // each output storage's use count when only the cache holds it
+  std::vector<const void*> where;  // each output storage's memory as captured
   int64_t bytes = 0;              // the pool's reserved bytes
 };
 
@@ -465,10 +466,15 @@ GraphCache& graph_cache() {
   return *c;
 }
 
+// Free: the cache holds each output storage alone, and each still has the memory the graph
+// writes (a caller's resize_ of a returned tensor would have moved it).
 bool slot_free(const GraphSlot& s) {
-  for (size_t i = 0; i < s.outputs.size(); ++i)
-    if (s.outputs[i].defined() && s.outputs[i].storage().use_count() != s.expected[i])
+  for (size_t i = 0; i < s.outputs.size(); ++i) {
+    const Tensor& t = s.outputs[i];
+    if (t.defined() && (t.storage().use_count() != s.expected[i] ||
+                        t.storage().data() != s.where[i]))
       return false;
+  }
   return true;
 }
 
@@ -542,8 +548,11 @@ bool capture(GraphSlot& slot, const c10::cuda::CUDAStream& caller,
   slot.graph = std::move(graph);
   slot.outputs = std::move(outs);
   slot.expected.clear();
-  for (const Tensor& t : slot.outputs)
+  slot.where.clear();
+  for (const Tensor& t : slot.outputs) {
     slot.expected.push_back(t.defined() ? t.storage().use_count() : 0);
+    slot.where.push_back(t.defined() ? t.storage().data() : nullptr);
+  }
   slot.bytes = std::max<int64_t>(0, reserved_bytes(caller.device_index()) - before);
   return true;
 }

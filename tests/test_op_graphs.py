@@ -137,6 +137,27 @@ def test_held_outputs_are_never_overwritten(kind):
         assert ops.op_graph_stats()["graphs"] <= 2
 
 
+def test_a_resized_output_is_not_replayed_into():
+    """A caller that resizes a returned output in place moves its storage to new memory,
+    which the graph would not write: that slot is never replayed again, and later calls still
+    give the plain path's results."""
+    layer = make_layer("pera").eval()
+    x_buf = torch.empty(6, 48, device=DEV, dtype=torch.bfloat16)
+    xs = [torch.randn(6, 48, device=DEV, dtype=torch.bfloat16) for _ in range(4)]
+    with op_graphs(False), torch.no_grad():
+        want = [layer(x).clone() for x in xs]
+    with op_graphs(True) as counts, torch.no_grad():
+        for x in xs[:2]:  # plain, then captured
+            x_buf.copy_(x)
+            y = layer(x_buf)
+        assert counts()["captures"] == 1
+        y.resize_(4096)   # more than the storage had: new memory for the slot's storage
+        del y
+        for x, w in zip(xs, want):
+            x_buf.copy_(x)
+            assert torch.equal(layer(x_buf), w)
+
+
 @pytest.mark.parametrize("kind", ["pera", "genlora"])
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_training_loop_matches_the_plain_path(kind, set_to_none):
