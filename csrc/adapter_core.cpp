@@ -584,12 +584,21 @@ std::vector<Tensor> run_graphed(GraphKey key, double work,
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None)
     return body();  // inside the caller's own capture
   const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream();
+  // the math modes that ATen's and cuBLAS's GEMMs read at call time (TF32 for fp32, reduced
+  // precision reductions and accumulation for bf16/fp16, the BLAS backend): a graph keeps the
+  // mode it was captured under, so a toggled mode is a new key
+  const at::Context& ctx = at::globalContext();
   key.add(caller.id())
       .add(static_cast<int64_t>(caller.device_index()))
       .add(get_merge_policy())
       .add(get_keep_policy())
       .add(static_cast<int64_t>(side_mode()))
-      .add(static_cast<int64_t>(at::globalContext().deterministicAlgorithms()));
+      .add(static_cast<int64_t>(ctx.deterministicAlgorithms()))
+      .add(static_cast<int64_t>(ctx.float32MatmulPrecision()))
+      .add(static_cast<int64_t>(ctx.allowBF16ReductionCuBLAS()))
+      .add(static_cast<int64_t>(ctx.allowFP16ReductionCuBLAS()))
+      .add(static_cast<int64_t>(ctx.allowFP16AccumulationCuBLAS()))
+      .add(static_cast<int64_t>(const_cast<at::Context&>(ctx).blasPreferredBackend()));
   GraphCache& c = graph_cache();
   std::unique_lock<std::mutex> lock(c.mu);
   auto it = c.entries.find(key.values());

@@ -106,11 +106,12 @@ void gy_pass_into(const Tensor& gy, const Tensor& B, const Tensor& U, const Tens
 // An eager op's GPU work replayed as one CUDA graph: the host cost of a call is then one graph
 // launch instead of one ATen/cuBLAS/kernel call per GPU step (tens of microseconds each on the
 // H100 machine's host). The key of a call is every input's address, shape, strides and dtype,
-// the scalars, the policies and the caller's stream: a call whose key was seen before is
-// captured (outputs and temporaries in the graph's private memory pool) and replayed from then
-// on. A replay writes its outputs into the memory of the previous replay's outputs, so it is
-// taken only when nothing outside the cache still holds those (their storages' use counts);
-// otherwise a second graph is captured for the key, or the op runs as usual.
+// the scalars, the policies, the GEMMs' math modes and the caller's stream: a call whose key
+// was seen before is captured (outputs and temporaries in the graph's private memory pool) and
+// replayed from then on. A replay writes its outputs into the memory of the previous replay's
+// outputs, so it is taken only when nothing outside the cache still holds those (their
+// storages' use counts, and their memory as captured); otherwise a second graph is captured
+// for the key, or the op runs as usual.
 class GraphKey {
  public:
   GraphKey& add(int64_t v) {

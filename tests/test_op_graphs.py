@@ -183,6 +183,29 @@ def test_training_loop_matches_the_plain_path(kind, set_to_none):
         assert torch.equal(a, b)
 
 
+def test_a_toggled_math_mode_is_a_new_key():
+    """fp32 with TF32 off, then on, then off again on the same buffers: each call gives what
+    the plain path gives under the mode of that moment (a graph captured under one mode is not
+    replayed under another)."""
+    layer = make_layer("pera", dtype=torch.float32).eval()
+    x_buf = torch.randn(300, 48, device=DEV)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        want = {}
+        with op_graphs(False), torch.no_grad():
+            for tf32 in (False, True):
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                want[tf32] = layer(x_buf).clone()
+        assert not torch.equal(want[False], want[True])  # the mode shows in the result
+        with op_graphs(True) as counts, torch.no_grad():
+            for tf32 in (False, False, False, True, True, True, False, False):
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                assert torch.equal(layer(x_buf), want[tf32]), f"tf32={tf32}"
+            assert counts()["captures"] == 2
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def test_switch_budget_and_errors():
     """Off: nothing is captured. A zero budget: nothing is captured either. Bad arguments raise
     errors that name them; clear_op_graphs empties the cache."""
