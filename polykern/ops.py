@@ -286,14 +286,15 @@ def set_op_graphs(enabled: bool, budget_mb: Optional[int] = None) -> bool:
     bit. Graphs keep their outputs' and temporaries' memory reserved until
     :func:`clear_op_graphs`; no new graphs are made once they hold ``budget_mb`` MiB together
     (default 1024, or ``POLYKERN_OP_GRAPH_MB``; ``None`` leaves it as it is)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    if budget_mb is not None and (not isinstance(budget_mb, int) or isinstance(budget_mb, bool)
+                                  or budget_mb < 0):
+        raise ValueError(f"budget_mb must be a non-negative int, got {budget_mb!r}")
     if not extension_loaded():
         return False
     if budget_mb is not None:
-        if not isinstance(budget_mb, int) or isinstance(budget_mb, bool) or budget_mb < 0:
-            raise ValueError(f"budget_mb must be a non-negative int, got {budget_mb!r}")
         torch.ops.polykern._set_op_graph_budget(budget_mb)
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {enabled!r}")
     return bool(torch.ops.polykern._set_op_graphs(int(enabled)))
 
 

@@ -51,6 +51,31 @@ def test_side_stream_mode_roundtrip_and_errors():
         torch.ops.polykern._set_side_stream(old)
 
 
+def test_op_graph_switch_roundtrip_and_errors():
+    """The op graphs' switch and budget (csrc/adapter_core.cpp): values round-trip, bad ones are
+    refused before anything changes, the statistics have their four fields."""
+    old = ops.set_op_graphs(False)
+    old_budget = torch.ops.polykern._set_op_graph_budget(256)
+    try:
+        assert ops.set_op_graphs(True, 512) is False
+        assert torch.ops.polykern._set_op_graph_budget(512) == 512
+        with pytest.raises(TypeError, match="enabled must be a bool"):
+            ops.set_op_graphs(1, 64)
+        with pytest.raises(ValueError, match="budget_mb must be a non-negative int"):
+            ops.set_op_graphs(False, -1)
+        assert torch.ops.polykern._set_op_graph_budget(512) == 512  # unchanged by the errors
+        assert ops.set_op_graphs(True) is True
+        with pytest.raises(RuntimeError, match="op graph mode must be 0"):
+            torch.ops.polykern._set_op_graphs(2)
+        with pytest.raises(RuntimeError, match="budget must be >= 0"):
+            torch.ops.polykern._set_op_graph_budget(-5)
+        assert set(ops.op_graph_stats()) == {"graphs", "bytes", "replays", "captures"}
+        ops.clear_op_graphs()  # nothing captured on the CPU: no synchronisation needed
+        assert ops.op_graph_stats()["graphs"] == 0
+    finally:
+        ops.set_op_graphs(old, old_budget)
+
+
 @pytest.mark.parametrize("merge,keep,N,expected", [
     ("auto", "auto", 8192, True), ("auto", "auto", 8191, False),   # N >= 2 m = 8192
     ("auto", "auto", 100000, True), ("auto", "never", 8192, False),
