@@ -171,15 +171,19 @@ static Tensor merged_weight(const Tensor& W, const Tensor& A, const Tensor& B) {
 // always (tests: small shapes through the same code).
 static std::atomic<int> g_side_mode{-1};
 
-static int side_mode() {
-  int mode = g_side_mode.load();
+// The mode held in `slot`, set on first use from the environment: 0 when `name` is "0", else 1
+// (the side stream's POLYKERN_OVERLAP, the op graphs' POLYKERN_OP_GRAPHS).
+static int env_mode(std::atomic<int>& slot, const char* name) {
+  int mode = slot.load();
   if (mode < 0) {
-    const char* v = std::getenv("POLYKERN_OVERLAP");
+    const char* v = std::getenv(name);
     mode = (v != nullptr && std::string(v) == "0") ? 0 : 1;
-    g_side_mode.store(mode);
+    slot.store(mode);
   }
   return mode;
 }
+
+static int side_mode() { return env_mode(g_side_mode, "POLYKERN_OVERLAP"); }
 
 int64_t set_side_stream_mode(int64_t mode) {
   TORCH_CHECK(mode >= 0 && mode <= 2, "polykern: side stream mode must be 0 (off), 1 (auto) or "
@@ -196,16 +200,22 @@ static bool side_pays(bool has_side_work, int64_t rows, int64_t n, int64_t m) {
   return mode == 2 || static_cast<double>(rows) * n * m >= 68719476736.0;  // 2^36
 }
 
-// One side stream per device (from torch's pool), so that cuBLASLt's per-stream workspace is
-// allocated once, not once per pool stream.
-static c10::cuda::CUDAStream side_stream(c10::DeviceIndex device) {
+// One stream per device and priority from torch's pool, taken on first use and kept, so that
+// cuBLASLt's per-stream workspace is allocated once: the side stream (low priority) and the op
+// graphs' capture stream (high priority, so never the side stream).
+static c10::cuda::CUDAStream kept_stream(c10::DeviceIndex device, bool high_priority) {
   static std::mutex mu;
-  static std::vector<std::optional<c10::cuda::CUDAStream>> streams;
+  static std::vector<std::optional<c10::cuda::CUDAStream>> streams[2];
   std::lock_guard<std::mutex> lock(mu);
-  if (streams.size() <= static_cast<size_t>(device)) streams.resize(device + 1);
-  auto& s = streams[device];
-  if (!s.has_value()) s = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device);
+  auto& per_device = streams[high_priority ? 1 : 0];
+  if (per_device.size() <= static_cast<size_t>(device)) per_device.resize(device + 1);
+  auto& s = per_device[device];
+  if (!s.has_value()) s = c10::cuda::getStreamFromPool(high_priority, device);
   return *s;
+}
+
+static c10::cuda::CUDAStream side_stream(c10::DeviceIndex device) {
+  return kept_stream(device, /*high_priority=*/false);
 }
 
 // The fork and join events, one pair per device and host thread (the autograd engine runs
@@ -418,15 +428,7 @@ constexpr size_t kMaxKeys = 8192;     // keys remembered (seen once, or graphed)
 std::atomic<int> g_graph_mode{-1};
 std::atomic<int64_t> g_graph_budget{-1};  // bytes
 
-int graph_mode() {
-  int mode = g_graph_mode.load();
-  if (mode < 0) {
-    const char* v = std::getenv("POLYKERN_OP_GRAPHS");
-    mode = (v != nullptr && std::string(v) == "0") ? 0 : 1;
-    g_graph_mode.store(mode);
-  }
-  return mode;
-}
+int graph_mode() { return env_mode(g_graph_mode, "POLYKERN_OP_GRAPHS"); }
 
 int64_t graph_budget() {
   int64_t b = g_graph_budget.load();
@@ -497,18 +499,12 @@ int64_t reserved_bytes(c10::DeviceIndex device) {
   return stats.reserved_bytes[0].current;  // StatType::AGGREGATE
 }
 
-// The stream a call on `caller` is captured on: the caller's own, or one per device beside the
-// default stream (from the high-priority pool, so never the side stream of the adapter core).
+// The stream a call on `caller` is captured on: the caller's own, or, beside the default stream
+// (where graphs cannot be captured), the device's kept high-priority stream.
 c10::cuda::CUDAStream capture_stream_for(const c10::cuda::CUDAStream& caller) {
   const c10::DeviceIndex dev = caller.device_index();
   if (caller != c10::cuda::getDefaultCUDAStream(dev)) return caller;
-  static std::mutex mu;
-  static std::vector<std::optional<c10::cuda::CUDAStream>> streams;
-  std::lock_guard<std::mutex> lock(mu);
-  if (streams.size() <= static_cast<size_t>(dev)) streams.resize(dev + 1);
-  if (!streams[dev].has_value())
-    streams[dev] = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, dev);
-  return *streams[dev];
+  return kept_stream(dev, /*high_priority=*/true);
 }
 
 // Captures body into slot; false when the capture failed (nothing ran: the caller runs body).

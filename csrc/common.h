@@ -114,6 +114,7 @@ void gy_pass_into(const Tensor& gy, const Tensor& B, const Tensor& U, const Tens
 // for the key, or the op runs as usual.
 class GraphKey {
  public:
+  GraphKey() { v_.reserve(192); }  // the largest key (GenLoRA backward): about 150 values
   GraphKey& add(int64_t v) {
     v_.push_back(v);
     return *this;
