@@ -1,8 +1,8 @@
 """Per-kernel GPU time of one adapted layer's training step (torch.profiler), to see where the
 adapter's time goes, and the step's wall time on the GPU (10 steps queued back to back, so that
 kernels that overlap on two streams count once): python bench/profile_step.py [--N 8192]
-[--dim 4096] [--keep auto|always|never] (the merged-weight keep policy, polykern.ops)
-[--terms full|square|cross] (PERA's expansion terms)."""
+[--dim 4096] [--out DIM] (out_features, default --dim) [--keep auto|always|never] (the
+merged-weight keep policy, polykern.ops) [--terms full|square|cross] (PERA's expansion terms)."""
 import argparse
 
 import torch
@@ -12,15 +12,16 @@ from torch.profiler import ProfilerActivity, profile
 import polykern
 
 
-def layer_steps(N: int, dim: int, terms: str = "full"):
-    """(name, step) for the frozen layer, PERA full r=16 and GenLoRA r=16 K=32 on a (dim, dim)
-    bf16 weight: ``step()`` is one forward+backward on a random (N, dim) input, each already run
-    5 times (warm-up, GEMM tuning). Shared with bench/timeline_step.py."""
+def layer_steps(N: int, dim: int, terms: str = "full", out: int = 0):
+    """(name, step) for the frozen layer, PERA full r=16 and GenLoRA r=16 K=32 on an (out, dim)
+    bf16 weight (out = dim unless given): ``step()`` is one forward+backward on a random (N, dim)
+    input, each already run 5 times (warm-up, GEMM tuning). Shared with bench/timeline_step.py."""
     dev, dt = "cuda", torch.bfloat16
+    out = out or dim
     for name, cls, cfg in (("frozen nn.Linear", None, {}),
                            (f"PERA {terms} r=16", polykern.PeraLinear, {"r": 16, "terms": terms}),
                            ("GenLoRA r=16 K=32", polykern.GenLoraLinear, {"r": 16})):
-        base = nn.Linear(dim, dim, bias=False, device=dev, dtype=dt)
+        base = nn.Linear(dim, out, bias=False, device=dev, dtype=dt)
         base.requires_grad_(False)
         layer = base if cls is None else cls.from_linear(base, **cfg)
         adapter = [] if cls is None else layer.adapter_parameters()
@@ -28,7 +29,7 @@ def layer_steps(N: int, dim: int, terms: str = "full"):
             for p in adapter:
                 p.add_(torch.randn_like(p) * 0.02)
         x = torch.randn(N, dim, device=dev, dtype=dt, requires_grad=True)
-        gy = torch.randn(N, dim, device=dev, dtype=dt)
+        gy = torch.randn(N, out, device=dev, dtype=dt)
         params = [x] + adapter
 
         def step(layer=layer, x=x, gy=gy, params=params):
@@ -46,6 +47,7 @@ def size_args(doc: str):
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--N", type=int, default=8192)
     ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--out", type=int, default=0, help="out_features (default: --dim)")
     ap.add_argument("--keep", default="auto", choices=["auto", "always", "never"])
     ap.add_argument("--terms", default="full", choices=["full", "square", "cross"],
                     help="PERA's expansion terms")
@@ -71,12 +73,12 @@ def wall_us(step, steps=10, reps=5):
 def main():
     args = size_args(__doc__)
     polykern.ops.set_merge_policy("auto", keep=args.keep)
-    for name, step in layer_steps(args.N, args.dim, args.terms):
+    for name, step in layer_steps(args.N, args.dim, args.terms, args.out):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
                 step()
             torch.cuda.synchronize()
-        print(f"== {name}, N={args.N}, {args.dim}x{args.dim} bf16: GPU kernels, per step")
+        print(f"== {name}, N={args.N}, {args.dim}x{args.out or args.dim} bf16: GPU kernels, per step")
         cuda = torch.autograd.DeviceType.CUDA
         # kernels and memsets; not the polykern::* host scopes (csrc/common.h), which the
         # profiler also shows as GPU ranges spanning the kernels launched inside them

@@ -16,7 +16,7 @@ HOST_CALLS = ("polykern::", "aten::mm", "aten::addmm", "autograd::engine::evalua
 
 def main():
     args = size_args(__doc__)
-    for name, step in layer_steps(args.N, args.dim, args.terms):
+    for name, step in layer_steps(args.N, args.dim, args.terms, args.out):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
