@@ -97,13 +97,10 @@ static std::vector<int64_t> out_shape(const Tensor& x, int64_t m) {
 //
 // Keeping W_m for the backward (version 8) saves the backward's merge (one more read of W and
 // write of W_m, 22 us at 4096 x 4096 on the H100) at the cost of holding an (m, n) copy from
-// the forward to the backward. `auto` keeps it when that copy (m n) is at most half the size of
-// the layer's input x (N, n) and output y (N, m) together, which a training step holds anyway:
-// 2 m n <= N (n + m), i.e. N at least the harmonic mean of n and m. Version 8 kept it only when
-// N >= 2 m (half of x alone); version 12 widened it after measuring the wide-output case
-// (N = 8192, 4096 -> 14336): keeping it there saves the backward's beta = 1 pass over gX,
-// 1.16-1.17x -> 1.14x (10 back to back) for 72 MiB more peak memory (279 -> 351 MiB above the
-// frozen layer; the naive version's is 626; bench/results/h100_keep_policy.txt). Only the eager autograd node
+// the forward to the backward. `auto` keeps it when that copy is at most half the size of the
+// adapter input x (N, n), which the op saves anyway: N >= 2 m, so the layer's saved memory grows
+// by at most half. Large-N training steps (the main benchmark case: N = 8192, m = 4096) keep
+// it; layers with a wide output (m = 14336) or few rows rebuild it. Only the eager autograd node
 // asks for it (the `keep_merged` argument); the registered autograd formula rebuilds.
 static std::atomic<int> g_merge_policy{0};  // 0 auto, 1 always, 2 never
 static std::atomic<int> g_keep_policy{0};   // 0 auto, 1 always (when merged), 2 never
@@ -131,17 +128,17 @@ static bool merge_pays(int64_t rows, int64_t reduced_dim) {
 }
 
 // Whether a forward that took the merged path keeps W_m (m, n) for the backward.
-static bool keep_pays(int64_t rows, int64_t n, int64_t m) {
+static bool keep_pays(int64_t rows, int64_t m) {
   const int p = g_keep_policy.load();
   if (p != 0) return p == 1;
-  return 2.0 * static_cast<double>(m) * n <= static_cast<double>(rows) * (n + m);
+  return rows >= 2 * m && merge_pays(rows, m);  // the backward would merge too
 }
 
 // Whether a forward without a separate adapter input over (rows, n) -> (rows, m) that was asked
 // to keep W_m merges and keeps it: the decision adapter_forward takes, and the shape of the
 // fake kernels' W_merged output (polykern/ops.py calls it as polykern::_keeps_merged).
 bool keeps_merged(int64_t rows, int64_t n, int64_t m) {
-  return rows > 0 && merge_pays(rows, n) && keep_pays(rows, n, m);
+  return rows > 0 && merge_pays(rows, n) && keep_pays(rows, m);
 }
 
 // W_m = W + B A (m, n): one cuBLASLt matmul with C = W and D = W_m as separate buffers
