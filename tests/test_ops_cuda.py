@@ -164,10 +164,8 @@ def test_kept_merged_weight(kind, dtype):
     merge GEMM's W + B_gen A_gen; a training step that keeps it gives the same output and
     gradients bit for bit as one that rebuilds it; it stays allocated until the backward
     (m n elements) exactly when the keep decision (polykern::_keeps_merged, which the fake
-    kernels use too) says so under "auto": at (n, m) = (64, 264) both N = 103 and 104 merge
-    (N >= 1.5 n = 96), and the copy is at most half of x and y together (2 m n <= N (n + m))
-    from N = 104 on."""
-    n, m = 64, 264
+    kernels use too) says so, at N = 2 m and N = 2 m - 1 under "auto"."""
+    n, m = 64, 136
     cfg = {"terms": "full"} if kind == "pera" else {"num_rbf": 32, "latent_dim": 3}
     layer = random_layer(kind, n, m, 8, torch.float64, **cfg).to(dtype)
     params = [p.detach() for p in layer.adapter_parameters()]
@@ -200,7 +198,7 @@ def test_kept_merged_weight(kind, dtype):
         grads = [xin.grad] + [p.grad for p in layer.adapter_parameters()]
         return out, grads, held
 
-    for N in (104, 103):
+    for N in (2 * m, 2 * m - 1):
         y_keep, g_keep, held_keep = step("always", N)
         y_new, g_new, held_new = step("never", N)
         assert torch.equal(y_keep, y_new)
@@ -212,7 +210,7 @@ def test_kept_merged_weight(kind, dtype):
         _, _, held_auto = step("auto", N)
         with ops.merge_policy("auto", keep="auto"):
             expected = torch.ops.polykern._keeps_merged(N, n, m)
-        assert expected is (N == 104)
+        assert expected is (N == 2 * m)
         if expected:
             assert wm <= held_auto - held_new <= wm + 2048
         else:
