@@ -5,6 +5,9 @@ own at cuBLAS's speed, into which the adapter's passes can then be fused.
 
     python bench/wgmma_gemm_check.py [--json out.json]
 
+Also the fused form (C, U) = (A B^T, A Aadp^T) with Aadp (32, K): the adapter's down-projection
+as one more column of tiles (not yet run on a GPU when written).
+
 Correctness: fresh random bf16 operands (never zeros), the output poisoned with NaN first (every
 element must be written), error against float64 at most 2x torch.mm's own error against float64
 (both accumulate in fp32 and round once to bf16). Timing: CUDA events around 10 calls queued back to
@@ -78,8 +81,8 @@ def main():
         written = bool(torch.isfinite(C).all())
         e_fast, e_mm = rel_err(C, ref), rel_err(A @ B.t(), ref)
         ok = written and e_fast <= 2 * e_mm
-        row = {"M": M, "N": N, "K": K, "all_written": written, "err": e_fast, "err_mm": e_mm,
-               "ok": ok}
+        row = {"op": "gemm_nt", "M": M, "N": N, "K": K, "all_written": written, "err": e_fast,
+               "err_mm": e_mm, "ok": ok}
         if M * N * K >= 2 ** 30:
             t_ours = time_us(lambda: ext.gemm_nt(A, B))
             t_mm = time_us(lambda: A @ B.t())
@@ -88,6 +91,30 @@ def main():
                        tflops=2 * M * N * K / min(t_ours, t_ours2) / 1e6,
                        tflops_mm=2 * M * N * K / t_mm / 1e6)
             row["ratio_to_mm"] = row["us"] / t_mm
+        rows.append(row)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in row.items()), flush=True)
+    # the fused U column (kR = 32): (C, U) = (A B^T, A Aadp^T), against torch.mm for both, and
+    # timed against the two cuBLAS calls it replaces and against the GEMM alone
+    for M, N, K in shapes:
+        A = torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=g)
+        B = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g)
+        Ad = torch.randn(32, K, device=dev, dtype=torch.bfloat16, generator=g)
+        C, U = ext.gemm_nt_u(A, B, Ad)
+        torch.cuda.synchronize()
+        written = bool(torch.isfinite(C).all() and torch.isfinite(U).all())
+        refC, refU = A.double() @ B.double().t(), A.double() @ Ad.double().t()
+        eC, eU = rel_err(C, refC), rel_err(U, refU)
+        eC_mm, eU_mm = rel_err(A @ B.t(), refC), rel_err(A @ Ad.t(), refU)
+        ok = written and eC <= 2 * eC_mm and eU <= 2 * eU_mm
+        row = {"op": "gemm_nt_u", "M": M, "N": N, "K": K, "all_written": written,
+               "err": eC, "err_mm": eC_mm, "err_u": eU, "err_u_mm": eU_mm, "ok": ok}
+        if M * N * K >= 2 ** 30:
+            t_u = time_us(lambda: ext.gemm_nt_u(A, B, Ad))
+            t_two = time_us(lambda: (A @ B.t(), A @ Ad.t()))
+            t_alone = time_us(lambda: ext.gemm_nt(A, B))
+            row.update(us=t_u, us_two_mm=t_two, us_gemm_alone=t_alone,
+                       ratio_to_two_mm=t_u / t_two, u_cost_us=t_u - t_alone)
         rows.append(row)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in row.items()), flush=True)

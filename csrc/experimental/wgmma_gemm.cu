@@ -129,6 +129,22 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
+// D (64 x 32, fp32, 16 registers per thread) (+)= A (64 x 16, smem) B^T (32 x 16, smem)
+__device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
+                                                int scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "%16, %17, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
 // Tile t -> (first row, first column): tiles go down groups of kGroupM row blocks column by
 // column, so the ~132 tiles in flight share kGroupM row blocks of A and ~17 column blocks of B
 // (about 40 MiB at K = 4096: they stay in L2 even when B is larger than L2, e.g. N = 14336).
@@ -142,15 +158,24 @@ __device__ __forceinline__ void tile_origin(int tile, int tiles_m, int tiles_n, 
   n0 = (i / rows) * BN;
 }
 
+// kR = 0: C = A B^T. kR = 32: also U = A Aadp^T (M, 32), computed by one extra column of tiles
+// (n0 == N) that loads A's tiles again (from L2: the group's other tiles just read them) and
+// Aadp's 32 rows, and runs wgmma n32: the adapter's down-projection fused into the base GEMM
+// (plan item 1). NOT YET RUN ON A GPU in its kR = 32 form (written at the end of a session whose
+// device time was spent); kR = 0 is the kernel measured in h100_wgmma_gemm.txt.
+template <int kR>
 __global__ void __launch_bounds__(kThreads, 1)
 gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-               __nv_bfloat16* __restrict__ C, int M, int N, int K) {
+               const __grid_constant__ CUtensorMap map_u, __nv_bfloat16* __restrict__ C,
+               __nv_bfloat16* __restrict__ U, int M, int N, int K) {
+  static_assert(kR == 0 || kR == 32, "the U column is 32 wide");
   extern __shared__ uint8_t smem_raw[];
   Smem& s = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
                                      ~uintptr_t{1023});
   const int wg = threadIdx.x / 128;  // 0, 1: consumers; 2: producer
   const int tid = threadIdx.x % 128;
-  const int tiles_m = M / BM, tiles_n = N / BN, num_tiles = tiles_m * tiles_n, kblocks = K / BK;
+  const int tiles_m = M / BM, tiles_n = N / BN + (kR > 0 ? 1 : 0);
+  const int num_tiles = tiles_m * tiles_n, kblocks = K / BK;
   if (threadIdx.x == 0) {
     for (int i = 0; i < STAGES; ++i) {
       mbar_init(&s.full[i], 1);
@@ -168,11 +193,18 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
       for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
         int m0, n0;
         tile_origin(tile, tiles_m, tiles_n, m0, n0);
+        const bool u_tile = kR > 0 && n0 == N;
         for (int kb = 0; kb < kblocks; ++kb) {
           mbar_wait(&s.empty[stage], phase ^ 1);
-          mbar_expect_tx(&s.full[stage], kTileBytesA + kTileBytesB);
-          tma_load_2d(s.A[stage], &map_a, &s.full[stage], kb * BK, m0);
-          tma_load_2d(s.B[stage], &map_b, &s.full[stage], kb * BK, n0);
+          if (u_tile) {  // A's tile and Aadp's kR rows (into the first rows of the B buffer)
+            mbar_expect_tx(&s.full[stage], kTileBytesA + kR * BK * 2);
+            tma_load_2d(s.A[stage], &map_a, &s.full[stage], kb * BK, m0);
+            tma_load_2d(s.B[stage], &map_u, &s.full[stage], kb * BK, 0);
+          } else {
+            mbar_expect_tx(&s.full[stage], kTileBytesA + kTileBytesB);
+            tma_load_2d(s.A[stage], &map_a, &s.full[stage], kb * BK, m0);
+            tma_load_2d(s.B[stage], &map_b, &s.full[stage], kb * BK, n0);
+          }
           if (++stage == STAGES) { stage = 0; phase ^= 1; }
         }
       }
@@ -189,6 +221,37 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
     int m0, n0;
     tile_origin(tile, tiles_m, tiles_n, m0, n0);
     int prev = -1;
+    if constexpr (kR > 0) {
+      if (n0 == N) {  // the U tile: (128 x 32) = A's row block times Aadp^T
+        float du[16];
+        for (int kb = 0; kb < kblocks; ++kb) {
+          mbar_wait(&s.full[stage], phase);
+          wgmma_fence();
+          const __nv_bfloat16* a = s.A[stage] + wg * 64 * BK;
+#pragma unroll
+          for (int k = 0; k < BK / 16; ++k)
+            wgmma_m64n32k16(du, smem_desc(a + k * 16), smem_desc(s.B[stage] + k * 16),
+                            (kb > 0 || k > 0));
+          wgmma_commit();
+          wgmma_wait<1>();
+          if (prev >= 0 && tid == 0) mbar_arrive(&s.empty[prev]);
+          prev = stage;
+          if (++stage == STAGES) { stage = 0; phase ^= 1; }
+        }
+        wgmma_wait<0>();
+        if (prev >= 0 && tid == 0) mbar_arrive(&s.empty[prev]);
+        const int row = m0 + wg * 64 + warp * 16 + lane / 4;
+#pragma unroll
+        for (int j = 0; j < kR / 8; ++j) {
+          const int col = j * 8 + 2 * (lane % 4);
+          *reinterpret_cast<__nv_bfloat162*>(U + static_cast<int64_t>(row) * kR + col) =
+              __floats2bfloat162_rn(du[4 * j + 0], du[4 * j + 1]);
+          *reinterpret_cast<__nv_bfloat162*>(U + static_cast<int64_t>(row + 8) * kR + col) =
+              __floats2bfloat162_rn(du[4 * j + 2], du[4 * j + 3]);
+        }
+        continue;
+      }
+    }
     for (int kb = 0; kb < kblocks; ++kb) {
       mbar_wait(&s.full[stage], phase);
       wgmma_fence();
@@ -249,8 +312,23 @@ CUtensorMap make_map(const at::Tensor& t, uint32_t box_rows) {
 
 }  // namespace
 
-// C = A B^T for A (M, K), B (N, K), both bf16 CUDA with unit stride along K.
-at::Tensor gemm_nt(const at::Tensor& A, const at::Tensor& B, int64_t grid_limit) {
+namespace {
+void check_operand(const at::Tensor& T, const at::Tensor& A, const char* name) {
+  TORCH_CHECK(T.is_cuda() && T.device() == A.device(), "wgmma_gemm: ", name,
+              " must be a CUDA tensor on A's device");
+  TORCH_CHECK(T.scalar_type() == at::kBFloat16, "wgmma_gemm: ", name, " must be bf16, got ",
+              T.scalar_type());
+  TORCH_CHECK(T.dim() == 2 && T.size(1) == A.size(1), "wgmma_gemm: ", name,
+              " must be 2-D with A's K = ", A.size(1), " columns");
+  TORCH_CHECK(T.stride(1) == 1 && (T.stride(0) * 2) % 16 == 0, "wgmma_gemm: ", name,
+              " needs unit stride along K and 16-byte aligned rows");
+}
+}  // namespace
+
+// (C, U) = (A B^T, A Aadp^T) for A (M, K), B (N, K), Aadp (32, K) or undefined (then U is
+// undefined), all bf16 CUDA with unit stride along K.
+std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::Tensor& B,
+                                                const at::Tensor& Aadp, int64_t grid_limit) {
   TORCH_CHECK(A.is_cuda() && B.is_cuda() && A.device() == B.device(),
               "wgmma_gemm: A and B must be CUDA tensors on one device");
   TORCH_CHECK(A.scalar_type() == at::kBFloat16 && B.scalar_type() == at::kBFloat16,
@@ -263,23 +341,49 @@ at::Tensor gemm_nt(const at::Tensor& A, const at::Tensor& B, int64_t grid_limit)
   const int64_t M = A.size(0), N = B.size(0), K = A.size(1);
   TORCH_CHECK(M % BM == 0 && N % BN == 0 && K % BK == 0 && K > 0,
               "wgmma_gemm: M % 128, N % 256 and K % 64 must be 0, got ", M, " ", N, " ", K);
+  const bool with_u = Aadp.defined();
+  if (with_u) {
+    check_operand(Aadp, A, "Aadp");
+    TORCH_CHECK(Aadp.size(0) == 32, "wgmma_gemm: Aadp must have 32 rows, got ", Aadp.size(0));
+  }
   const c10::cuda::CUDAGuard guard(A.device());
   at::Tensor C = at::empty({M, N}, A.options());
-  if (M == 0 || N == 0) return C;
+  at::Tensor U = with_u ? at::empty({M, 32}, A.options()) : at::Tensor();
+  if (M == 0 || (N == 0 && !with_u)) return {C, U};
   const CUtensorMap ma = make_map(A, BM), mb = make_map(B, BN);
+  const CUtensorMap mu = with_u ? make_map(Aadp, 32) : ma;
   int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   if (grid_limit > 0 && grid_limit < sms) sms = static_cast<int>(grid_limit);
-  const int tiles = static_cast<int>((M / BM) * (N / BN));
+  const int tiles = static_cast<int>((M / BM) * (N / BN + (with_u ? 1 : 0)));
   const int grid = tiles < sms ? tiles : sms;
   const size_t smem = sizeof(Smem) + 1024;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(gemm_nt_kernel,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
-  gemm_nt_kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      ma, mb, reinterpret_cast<__nv_bfloat16*>(C.data_ptr()), static_cast<int>(M),
-      static_cast<int>(N), static_cast<int>(K));
+  auto* c = reinterpret_cast<__nv_bfloat16*>(C.data_ptr());
+  auto* u = with_u ? reinterpret_cast<__nv_bfloat16*>(U.data_ptr()) : nullptr;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (with_u) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(gemm_nt_kernel<32>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+    gemm_nt_kernel<32><<<grid, kThreads, smem, stream>>>(
+        ma, mb, mu, c, u, static_cast<int>(M), static_cast<int>(N), static_cast<int>(K));
+  } else {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(gemm_nt_kernel<0>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+    gemm_nt_kernel<0><<<grid, kThreads, smem, stream>>>(
+        ma, mb, mu, c, u, static_cast<int>(M), static_cast<int>(N), static_cast<int>(K));
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return C;
+  return {C, U};
+}
+
+at::Tensor gemm_nt(const at::Tensor& A, const at::Tensor& B, int64_t grid_limit) {
+  return std::get<0>(gemm_nt_impl(A, B, at::Tensor(), grid_limit));
+}
+
+std::tuple<at::Tensor, at::Tensor> gemm_nt_u(const at::Tensor& A, const at::Tensor& B,
+                                             const at::Tensor& Aadp, int64_t grid_limit) {
+  return gemm_nt_impl(A, B, Aadp, grid_limit);
 }
 
 // Registered through the dispatcher, as polykern's own ops are: torch.ops.polykern_exp.gemm_nt.
@@ -287,4 +391,6 @@ at::Tensor gemm_nt(const at::Tensor& A, const at::Tensor& B, int64_t grid_limit)
 // instead of raising; the dispatcher's error path is the one polykern's tests exercise.)
 TORCH_LIBRARY(polykern_exp, m) {
   m.def("gemm_nt(Tensor A, Tensor B, int grid_limit=0) -> Tensor", &gemm_nt);
+  m.def("gemm_nt_u(Tensor A, Tensor B, Tensor Aadp, int grid_limit=0) -> (Tensor, Tensor)",
+        &gemm_nt_u);
 }
