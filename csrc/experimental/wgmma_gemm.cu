@@ -158,11 +158,60 @@ __device__ __forceinline__ void tile_origin(int tile, int tiles_m, int tiles_n, 
   n0 = (i / rows) * BN;
 }
 
+// One consumer warpgroup's share of a tile: its 64 rows of A times the stage's first `kWidth`
+// rows of the B buffer, over all k-blocks, keeping one k-block of MMAs in flight and handing
+// each stage back to the producer once the MMAs that read it are done.
+template <int kWidth, int kRegs>
+__device__ __forceinline__ void consume_tile(float (&d)[kRegs], Smem& s, int wg, int tid,
+                                             int kblocks, int& stage, uint32_t& phase) {
+  static_assert(kRegs == kWidth / 2, "m64nNk16: N / 2 fp32 registers per thread");
+  int prev = -1;
+  for (int kb = 0; kb < kblocks; ++kb) {
+    mbar_wait(&s.full[stage], phase);
+    wgmma_fence();
+    const __nv_bfloat16* a = s.A[stage] + wg * 64 * BK;  // this warpgroup's 64 rows
+    const __nv_bfloat16* b = s.B[stage];
+#pragma unroll
+    for (int k = 0; k < BK / 16; ++k) {  // 16 bf16 = 32 bytes along K inside the swizzle atom
+      if constexpr (kWidth == 256)
+        wgmma_m64n256k16(d, smem_desc(a + k * 16), smem_desc(b + k * 16), (kb > 0 || k > 0));
+      else
+        wgmma_m64n32k16(d, smem_desc(a + k * 16), smem_desc(b + k * 16), (kb > 0 || k > 0));
+    }
+    wgmma_commit();
+    wgmma_wait<1>();  // the previous k-block's MMAs are done: its stage can be refilled
+    if (prev >= 0 && tid == 0) mbar_arrive(&s.empty[prev]);
+    prev = stage;
+    if (++stage == STAGES) { stage = 0; phase ^= 1; }
+  }
+  wgmma_wait<0>();
+  if (prev >= 0 && tid == 0) mbar_arrive(&s.empty[prev]);
+}
+
+// The accumulators of consume_tile into out (row-major, leading dimension ld) at (row0, col0):
+// the m64nNk16 layout, two bf16 per 32-bit store.
+template <int kWidth, int kRegs>
+__device__ __forceinline__ void store_tile(const float (&d)[kRegs], __nv_bfloat16* out,
+                                           int64_t ld, int row0, int col0, int tid) {
+  const int warp = tid / 32, lane = tid % 32;
+  const int64_t row = row0 + warp * 16 + lane / 4;
+#pragma unroll
+  for (int j = 0; j < kWidth / 8; ++j) {
+    const int col = col0 + j * 8 + 2 * (lane % 4);
+    *reinterpret_cast<__nv_bfloat162*>(out + row * ld + col) =
+        __floats2bfloat162_rn(d[4 * j + 0], d[4 * j + 1]);
+    *reinterpret_cast<__nv_bfloat162*>(out + (row + 8) * ld + col) =
+        __floats2bfloat162_rn(d[4 * j + 2], d[4 * j + 3]);
+  }
+}
+
 // kR = 0: C = A B^T. kR = 32: also U = A Aadp^T (M, 32), computed by one extra column of tiles
 // (n0 == N) that loads A's tiles again (from L2: the group's other tiles just read them) and
 // Aadp's 32 rows, and runs wgmma n32: the adapter's down-projection fused into the base GEMM
 // (plan item 1). NOT YET RUN ON A GPU in its kR = 32 form (written at the end of a session whose
-// device time was spent); kR = 0 is the kernel measured in h100_wgmma_gemm.txt.
+// device time was spent). kR = 0 is the kernel measured in h100_wgmma_gemm.txt, whose consumer
+// loop and epilogue were then moved into consume_tile / store_tile (same instructions, shared
+// with the U tile; compiled here, not re-run).
 template <int kR>
 __global__ void __launch_bounds__(kThreads, 1)
 gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
@@ -216,68 +265,19 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
   float d[128];
   int stage = 0;
   uint32_t phase = 0;
-  const int warp = tid / 32, lane = tid % 32;
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     int m0, n0;
     tile_origin(tile, tiles_m, tiles_n, m0, n0);
-    int prev = -1;
     if constexpr (kR > 0) {
       if (n0 == N) {  // the U tile: (128 x 32) = A's row block times Aadp^T
         float du[16];
-        for (int kb = 0; kb < kblocks; ++kb) {
-          mbar_wait(&s.full[stage], phase);
-          wgmma_fence();
-          const __nv_bfloat16* a = s.A[stage] + wg * 64 * BK;
-#pragma unroll
-          for (int k = 0; k < BK / 16; ++k)
-            wgmma_m64n32k16(du, smem_desc(a + k * 16), smem_desc(s.B[stage] + k * 16),
-                            (kb > 0 || k > 0));
-          wgmma_commit();
-          wgmma_wait<1>();
-          if (prev >= 0 && tid == 0) mbar_arrive(&s.empty[prev]);
-          prev = stage;
-          if (++stage == STAGES) { stage = 0; phase ^= 1; }
-        }
-        wgmma_wait<0>();
-        if (prev >= 0 && tid == 0) mbar_arrive(&s.empty[prev]);
-        const int row = m0 + wg * 64 + warp * 16 + lane / 4;
-#pragma unroll
-        for (int j = 0; j < kR / 8; ++j) {
-          const int col = j * 8 + 2 * (lane % 4);
-          *reinterpret_cast<__nv_bfloat162*>(U + static_cast<int64_t>(row) * kR + col) =
-              __floats2bfloat162_rn(du[4 * j + 0], du[4 * j + 1]);
-          *reinterpret_cast<__nv_bfloat162*>(U + static_cast<int64_t>(row + 8) * kR + col) =
-              __floats2bfloat162_rn(du[4 * j + 2], du[4 * j + 3]);
-        }
+        consume_tile<kR>(du, s, wg, tid, kblocks, stage, phase);
+        store_tile<kR>(du, U, kR, m0 + wg * 64, 0, tid);
         continue;
       }
     }
-    for (int kb = 0; kb < kblocks; ++kb) {
-      mbar_wait(&s.full[stage], phase);
-      wgmma_fence();
-      const __nv_bfloat16* a = s.A[stage] + wg * 64 * BK;  // this warpgroup's 64 rows
-      const __nv_bfloat16* b = s.B[stage];
-#pragma unroll
-      for (int k = 0; k < BK / 16; ++k)  // 16 bf16 = 32 bytes along K inside the swizzle atom
-        wgmma_m64n256k16(d, smem_desc(a + k * 16), smem_desc(b + k * 16), (kb > 0 || k > 0));
-      wgmma_commit();
-      wgmma_wait<1>();  // the previous k-block's MMAs are done: its stage can be refilled
-      if (prev >= 0 && tid == 0) mbar_arrive(&s.empty[prev]);
-      prev = stage;
-      if (++stage == STAGES) { stage = 0; phase ^= 1; }
-    }
-    wgmma_wait<0>();
-    if (prev >= 0 && tid == 0) mbar_arrive(&s.empty[prev]);
-    // epilogue: the m64nNk16 accumulator layout, two bf16 per 32-bit store
-    const int row = m0 + wg * 64 + warp * 16 + lane / 4;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      const int col = n0 + j * 8 + 2 * (lane % 4);
-      *reinterpret_cast<__nv_bfloat162*>(C + static_cast<int64_t>(row) * N + col) =
-          __floats2bfloat162_rn(d[4 * j + 0], d[4 * j + 1]);
-      *reinterpret_cast<__nv_bfloat162*>(C + static_cast<int64_t>(row + 8) * N + col) =
-          __floats2bfloat162_rn(d[4 * j + 2], d[4 * j + 3]);
-    }
+    consume_tile<BN>(d, s, wg, tid, kblocks, stage, phase);
+    store_tile<BN>(d, C, N, m0 + wg * 64, n0, tid);
   }
 }
 
