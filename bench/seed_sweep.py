@@ -31,10 +31,8 @@ def main():
     ap.add_argument("--layout", choices=["3d", "strided"], default=None)
     ap.add_argument("--budget-s", type=float, default=120.0, help="stop after this many seconds")
     args = ap.parse_args()
-    pairs = [(d, d) for d in T.LOW] + [(torch.bfloat16, torch.float32),
-                                       (torch.float16, torch.float32)]
-    cases = [(k, cfg, r, d, a, lay) for (k, cfg, r) in T.CASES for (d, a) in pairs
-             for lay in ("3d", "strided")
+    cases = [(k, cfg, r, d, a, lay) for (k, cfg, r) in T.CASES for (d, a) in T.KERNEL_DTYPES
+             for lay in T.LAYOUTS
              if (args.kind is None or k == args.kind)
              and (args.dtype is None or d == DTYPES[args.dtype])
              and (args.adapter_dtype is None or a == DTYPES[args.adapter_dtype])

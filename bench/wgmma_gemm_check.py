@@ -11,16 +11,18 @@ as one more column of tiles (not yet run on a GPU when written).
 Correctness: fresh random bf16 operands (never zeros), the output poisoned with NaN first (every
 element must be written), error against float64 at most 2x torch.mm's own error against float64
 (both accumulate in fp32 and round once to bf16). Timing: CUDA events around 10 calls queued back to
-back, median of 15 such samples after 5 warm-up calls, ours timed before and after torch.mm in the
-same process (the better of the two kept)."""
+back behind a GPU sleep (profile_step.wall_us), median of 15 such samples after 5 warm-up calls,
+ours timed before and after torch.mm in the same process (the better of the two kept). The
+committed run 2 (h100_wgmma_gemm.txt) timed the same batches without the leading sleep."""
 import argparse
 import glob
 import json
 import os
-import statistics
 
 import torch
 from torch.utils.cpp_extension import load
+
+from profile_step import wall_us  # bench/ is this script's directory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -38,19 +40,11 @@ def build():
 
 
 def time_us(fn, reps=15, batch=10, warmup=5):
-    """Median over reps of the mean time of `batch` calls queued back to back (CUDA events)."""
+    """GPU time per call: profile_step.wall_us (`batch` calls queued back to back behind a GPU
+    sleep, between two events; median over reps), after warm-up."""
     for _ in range(warmup):
         fn()
-    out = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(batch):
-            fn()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e) * 1e3 / batch)
-    return statistics.median(out)
+    return wall_us(fn, steps=batch, reps=reps)
 
 
 def rel_err(x, ref):

@@ -22,6 +22,11 @@ pytestmark = pytest.mark.skipif(not polykern.cuda_available(),
                                 reason="needs a CUDA GPU and the compiled extension")
 DEV = "cuda"
 LOW = (torch.float32, torch.bfloat16, torch.float16)
+# (activation dtype, adapter dtype) pairs and input layouts of test_kernel_vs_reference (also
+# swept over many seeds by bench/seed_sweep.py)
+KERNEL_DTYPES = [(d, d) for d in LOW] + [(torch.bfloat16, torch.float32),
+                                         (torch.float16, torch.float32)]
+LAYOUTS = ("3d", "strided")
 
 
 def random_layer(kind, n, m, r, dtype, bias=True, **cfg):
@@ -100,9 +105,8 @@ CASES = [("pera", {"terms": t}, r) for t in ("full", "square", "cross") for r in
 
 
 @pytest.mark.parametrize("kind,cfg,r", CASES)
-@pytest.mark.parametrize("dtype,adapter_dtype", [(d, d) for d in LOW] +
-                         [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
-@pytest.mark.parametrize("layout", ["3d", "strided"])
+@pytest.mark.parametrize("dtype,adapter_dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_kernel_vs_reference(kind, cfg, r, dtype, adapter_dtype, layout):
     n, m = 37, 53
     layer = random_layer(kind, n, m, r, torch.float64, bias=(layout == "3d"), **cfg)

@@ -329,15 +329,11 @@ void check_operand(const at::Tensor& T, const at::Tensor& A, const char* name) {
 // undefined), all bf16 CUDA with unit stride along K.
 std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::Tensor& B,
                                                 const at::Tensor& Aadp, int64_t grid_limit) {
-  TORCH_CHECK(A.is_cuda() && B.is_cuda() && A.device() == B.device(),
-              "wgmma_gemm: A and B must be CUDA tensors on one device");
-  TORCH_CHECK(A.scalar_type() == at::kBFloat16 && B.scalar_type() == at::kBFloat16,
-              "wgmma_gemm: bf16 only");
-  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(1) == B.size(1),
-              "wgmma_gemm: A (M, K) and B (N, K) expected");
-  TORCH_CHECK(A.stride(1) == 1 && B.stride(1) == 1 && (A.stride(0) * 2) % 16 == 0 &&
-                  (B.stride(0) * 2) % 16 == 0,
-              "wgmma_gemm: unit stride along K and 16-byte aligned rows required");
+  TORCH_CHECK(A.is_cuda() && A.scalar_type() == at::kBFloat16 && A.dim() == 2,
+              "wgmma_gemm: A must be a 2-D bf16 CUDA tensor, got ", A.scalar_type(), " ",
+              A.dim(), "-D on ", A.device());
+  check_operand(A, A, "A");
+  check_operand(B, A, "B");
   const int64_t M = A.size(0), N = B.size(0), K = A.size(1);
   TORCH_CHECK(M % BM == 0 && N % BN == 0 && K % BK == 0 && K > 0,
               "wgmma_gemm: M % 128, N % 256 and K % 64 must be 0, got ", M, " ", N, " ", K);
