@@ -95,13 +95,17 @@ static std::vector<int64_t> out_shape(const Tensor& x, int64_t m) {
 // compute dtype once, which adds an error of the size of the output's own rounding
 // (tests/test_ops_cuda.py checks both paths).
 //
-// Keeping W_m for the backward (version 8) saves the backward's merge (one more read of W and
-// write of W_m, 22 us at 4096 x 4096 on the H100) at the cost of holding an (m, n) copy from
-// the forward to the backward. `auto` keeps it when that copy is at most half the size of the
-// adapter input x (N, n), which the op saves anyway: N >= 2 m, so the layer's saved memory grows
-// by at most half. Large-N training steps (the main benchmark case: N = 8192, m = 4096) keep
-// it; layers with a wide output (m = 14336) or few rows rebuild it. Only the eager autograd node
-// asks for it (the `keep_merged` argument); the registered autograd formula rebuilds.
+// Keeping W_m for the backward (version 8) saves the backward's own work on the adapter's share
+// of gX: its merge (one more read of W and write of W_m, 22 us at 4096 x 4096 on the H100) where
+// the backward would merge, else the beta = 1 pass gX += gU A (a read and a write of gX, 2 N n
+// elements: 60 us at N = 8192, n = 4096). It costs holding an (m, n) copy from the forward to the
+// backward. `auto` keeps it when that copy is at most half the size of the layer's input and
+// output together, 2 m n <= N (n + m) (version 12; up to version 11 half of x alone, N >= 2 m,
+// which left wide-output layers such as 4096 -> 14336 at N = 8192 rebuilding). The kept weight
+// gives the same gradients bit for bit where the backward would merge too; elsewhere gX is
+// gY W_m instead of gY W + gU A, which rounds differently and is tested against the reference
+// (tests/test_ops_cuda.py::test_kept_merged_weight). Only the eager autograd node asks for it
+// (the `keep_merged` argument); the registered autograd formula rebuilds.
 static std::atomic<int> g_merge_policy{0};  // 0 auto, 1 always, 2 never
 static std::atomic<int> g_keep_policy{0};   // 0 auto, 1 always (when merged), 2 never
 
@@ -127,18 +131,19 @@ static bool merge_pays(int64_t rows, int64_t reduced_dim) {
   return 2 * rows >= 3 * reduced_dim;
 }
 
-// Whether a forward that took the merged path keeps W_m (m, n) for the backward.
-static bool keep_pays(int64_t rows, int64_t m) {
+// Whether a forward over (rows, n) -> (rows, m) that took the merged path keeps W_m (m, n) for
+// the backward.
+static bool keep_pays(int64_t rows, int64_t n, int64_t m) {
   const int p = g_keep_policy.load();
   if (p != 0) return p == 1;
-  return rows >= 2 * m && merge_pays(rows, m);  // the backward would merge too
+  return 2 * m * n <= rows * (n + m);
 }
 
 // Whether a forward without a separate adapter input over (rows, n) -> (rows, m) that was asked
 // to keep W_m merges and keeps it: the decision adapter_forward takes, and the shape of the
 // fake kernels' W_merged output (polykern/ops.py calls it as polykern::_keeps_merged).
 bool keeps_merged(int64_t rows, int64_t n, int64_t m) {
-  return rows > 0 && merge_pays(rows, n) && keep_pays(rows, m);
+  return rows > 0 && merge_pays(rows, n) && keep_pays(rows, n, m);
 }
 
 // W_m = W + B A (m, n): one cuBLASLt matmul with C = W and D = W_m as separate buffers

@@ -237,10 +237,13 @@ def set_merge_policy(policy: str, keep: Optional[str] = None) -> None:
     the same result up to rounding (see csrc/README.md).
 
     ``keep`` (left as it is when ``None``): whether a merged training forward in eager mode keeps
-    the merged weight for the backward instead of building it again there. ``"auto"`` (default)
-    keeps it when the backward would merge too and the copy is at most half the size of the
-    layer's input, which the layer saves anyway (N >= 2 out_features); ``"always"`` keeps it
-    whenever the forward merged; ``"never"`` rebuilds. The gradients are the same bit for bit."""
+    the merged weight (out_features x in_features) for the backward instead of building it again
+    there, or instead of adding ``gU A_hat`` into gX with beta = 1 where the backward would not
+    merge. ``"auto"`` (default) keeps it when the copy is at most half the size of the layer's
+    input and output together, ``2 in out <= N (in + out)``; ``"always"`` keeps it whenever the
+    forward merged; ``"never"`` rebuilds (the least memory). The adapter's gradients are the same
+    bit for bit either way, and so is gX where the backward would merge too; elsewhere gX rounds
+    differently (``gY W_m`` against ``gY W + gU A_hat``), both within the reference's error."""
     code = _policy_code(policy, "merge")
     keep_code = None if keep is None else _policy_code(keep, "keep")
     torch.ops.polykern.set_merge_policy(code)

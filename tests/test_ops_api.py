@@ -76,18 +76,30 @@ def test_op_graph_switch_roundtrip_and_errors():
         ops.set_op_graphs(old, old_budget)
 
 
-@pytest.mark.parametrize("merge,keep,N,expected", [
-    ("auto", "auto", 8192, True), ("auto", "auto", 8191, False),   # N >= 2 m = 8192
-    ("auto", "auto", 100000, True), ("auto", "never", 8192, False),
-    ("auto", "always", 6144, True), ("auto", "always", 6143, False),  # merges from 1.5 n
-    ("always", "auto", 8192, True), ("always", "auto", 64, False), ("always", "always", 64, True),
-    ("never", "always", 8192, False), ("auto", "auto", 0, False)])
-def test_keep_decision(merge, keep, N, expected):
+@pytest.mark.parametrize("merge,keep,N,n,m,expected", [
+    # n = m = 4096: the forward merges from N = 1.5 n = 6144, where the copy (m n) is already
+    # under half of x and y together (2 m n <= N (n + m) from N = 4096)
+    ("auto", "auto", 8192, 4096, 4096, True), ("auto", "auto", 6144, 4096, 4096, True),
+    ("auto", "auto", 6143, 4096, 4096, False), ("auto", "auto", 100000, 4096, 4096, True),
+    ("auto", "never", 8192, 4096, 4096, False),
+    ("auto", "always", 6144, 4096, 4096, True), ("auto", "always", 6143, 4096, 4096, False),
+    ("always", "auto", 4096, 4096, 4096, True), ("always", "auto", 4095, 4096, 4096, False),
+    ("always", "auto", 64, 4096, 4096, False), ("always", "always", 64, 4096, 4096, True),
+    ("never", "always", 8192, 4096, 4096, False), ("auto", "auto", 0, 4096, 4096, False),
+    # a wide output, 4096 -> 14336 (the benchmark's out = 14336 row at N = 8192): the copy is
+    # kept from 2 m n / (n + m) = 6371.6 rows; version 11's rule (N >= 2 m) did not keep it
+    ("auto", "auto", 8192, 4096, 14336, True), ("auto", "auto", 6372, 4096, 14336, True),
+    ("auto", "auto", 6371, 4096, 14336, False),
+    # a wide input, 14336 -> 4096: the forward merges only from N = 1.5 n = 21504
+    ("auto", "auto", 21504, 14336, 4096, True), ("auto", "auto", 21503, 14336, 4096, False),
+    ("always", "auto", 6372, 14336, 4096, True), ("always", "auto", 6371, 14336, 4096, False)])
+def test_keep_decision(merge, keep, N, n, m, expected):
     """The C++ keep decision (polykern::_keeps_merged, which adapter_forward and the fake kernels
-    both use) at n = m = 4096; that the forward holds the weight exactly then is checked on the
-    GPU: tests/test_ops_cuda.py::test_kept_merged_weight."""
+    both use): the forward merges and the kept copy of the (m, n) merged weight is at most half
+    the size of the layer's input and output together; that the forward holds the weight
+    exactly then is checked on the GPU: tests/test_ops_cuda.py::test_kept_merged_weight."""
     with ops.merge_policy(merge, keep=keep):
-        assert torch.ops.polykern._keeps_merged(N, 4096, 4096) is expected
+        assert torch.ops.polykern._keeps_merged(N, n, m) is expected
 
 
 @pytest.mark.parametrize("name", ["pera_linear", "pera_linear_backward", "pera_linear_eager",
