@@ -367,7 +367,10 @@ def main():
             sweep += bench_case("genlora", 16, 32, N, n, m, None, ["fwd+bwd"],
                                 impl_filter={"polykern", "naive"}, reps=20, variants=graph)
         rows += [dict(x, sweep=True) for x in sweep]
-    # the adapter's own cost: (polykern - frozen) against its FLOPs, 6 N R (in + out) fwd+bwd
+    # the adapter's own cost: (polykern - frozen) against its FLOPs, 6 N R (in + out) fwd+bwd,
+    # from the 10-back-to-back timings (GPU-bound; a single eager step of the frozen layer can
+    # take longer than polykern's, which made this a division by ~0 up to version 11); None
+    # where the difference is not positive
     for x in rows:
         if (x.get("impl") == "polykern" and "ms" in x and x["mode"] == "fwd+bwd"
                 and not x.get("variant")):
@@ -377,9 +380,9 @@ def main():
                         and b["mode"] == x["mode"] and b.get("terms") == x.get("terms"))
             R = adapter_width(x["op"], x["r"], x["terms"] or "full")
             flops = 6 * x["N"] * R * (x["in"] + x["out"])
-            extra = max(x["ms"] - base["ms"], 1e-6)
+            extra = x["ms_stream"] - base["ms_stream"]
             x["adapter_extra_ms"] = round(extra, 4)
-            x["adapter_TFLOPs"] = round(flops / extra / 1e9, 1)
+            x["adapter_TFLOPs"] = round(flops / extra / 1e9, 1) if extra > 0 else None
             x["flop_floor_ratio"] = round(1 + flops / (4 * x["N"] * x["in"] * x["out"]), 3)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "rows": rows}
