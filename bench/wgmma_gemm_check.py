@@ -8,11 +8,19 @@ own at cuBLAS's speed, into which the adapter's passes can then be fused.
 Also the fused form (C, U) = (A B^T, A Aadp^T) with Aadp (32, K): the adapter's down-projection
 as one more column of tiles (not yet run on a GPU when written).
 
-Correctness: fresh random bf16 operands (never zeros), the output poisoned with NaN first (every
-element must be written), error against float64 at most 2x torch.mm's own error against float64
-(both accumulate in fp32 and round once to bf16). Timing: CUDA events around 10 calls queued back to
-back behind a GPU sleep (profile_step.wall_us), median of 15 such samples after 5 warm-up calls,
-ours timed before and after torch.mm in the same process (the better of the two kept). The
+Every check and timing runs for each of the op's variants (its last argument, see the .cu file's
+head): 0 the measured kernel (epilogue stored from registers), 1 TMA-store epilogue through
+shared memory, 2 2-CTA clusters with B multicast, 3 both; 1-3 compiled, not yet run on a GPU.
+One row per (variant, shape); timed rows give the ratio to torch.mm and to variant 0. A
+grid_limit of 3 on one small shape makes each CTA (cluster) loop over several tiles.
+
+Correctness: fresh random bf16 operands (never zeros), the output poisoned with NaN first (the
+caching allocator's free block of the output's size filled with NaN and handed back to the op, a
+probe confirming it; every element must be written), error against float64 at most 2x
+torch.mm's own error against float64 (both accumulate in fp32 and round once to bf16). Timing:
+CUDA events around 10 calls queued back to back behind a GPU sleep (profile_step.wall_us), median
+of 15 such samples after 5 warm-up calls, each variant timed before and after torch.mm in the same
+process (the better of the two kept). The
 committed run 2 (h100_wgmma_gemm.txt) timed the same batches without the leading sleep."""
 import argparse
 import glob
@@ -51,74 +59,149 @@ def rel_err(x, ref):
     return ((x.double() - ref).norm() / ref.norm()).item()
 
 
+# the op's `variant` argument (csrc/experimental/wgmma_gemm.cu's head); 1-3 compiled, not yet run
+# on a GPU when this was written
+VARIANTS = {0: "register epilogue", 1: "TMA-store epilogue", 2: "2-CTA cluster, B multicast",
+            3: "TMA store + cluster"}
+
+
+def poison(*numels):
+    """Leave NaN-filled blocks of these sizes (bf16 elements) as the caching allocator's only
+    free blocks of their sizes, so that the op's outputs (allocated with at::empty in the same
+    order) come back NaN wherever the kernel does not write. Returns whether a probe allocation
+    of each size did get a NaN block back (else the all-written check would prove nothing)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    held = [torch.full((n,), float("nan"), device="cuda", dtype=torch.bfloat16) for n in numels]
+    del held
+    probe = [torch.empty(n, device="cuda", dtype=torch.bfloat16) for n in numels]
+    ok = all(bool(torch.isnan(p).all()) for p in probe)
+    del probe
+    return ok
+
+
+def show(row):
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in row.items()), flush=True)
+
+
+def expect_error(rows, what, fn, needle):
+    """A bad call must raise a RuntimeError whose first line contains `needle`."""
+    try:
+        fn()
+    except RuntimeError as exc:
+        msg = str(exc).splitlines()[0]
+        row = {"op": "error", "case": what, "msg": msg, "ok": needle in msg}
+    else:
+        row = {"op": "error", "case": what, "msg": "no error (WRONG)", "ok": False}
+    rows.append(row)
+    show(row)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--small", action="store_true",
                     help="the small shapes only, no timing (for compute-sanitizer)")
+    ap.add_argument("--variants", default="0,1,2,3",
+                    help="comma-separated subset of the op's variants to check and time "
+                         "(ratio_to_v0 is nan without 0)")
     args = ap.parse_args()
+    variants = [int(v) for v in args.variants.split(",")]
+    assert all(v in VARIANTS for v in variants), f"unknown variant in {args.variants}"
     ext = build()
     dev = "cuda"
     rows = []
-    # correctness first, on small and odd-but-legal shapes, then the benchmark's shapes
+    # correctness first, on small and odd-but-legal shapes (M / 128 odd: 1 and 3, the cluster
+    # variants' lone last tile), then the benchmark's shapes; every variant on every shape
     shapes = [(128, 256, 64), (256, 512, 192), (384, 768, 640), (1024, 1024, 4096),
               (8192, 4096, 4096), (8192, 14336, 4096), (8192, 4096, 14336)]
     if args.small:
         shapes = shapes[:3]
     g = torch.Generator(dev).manual_seed(0)
+    alone = {}  # (M, N, K, variant) -> gemm_nt's time, for the U column's cost
     for M, N, K in shapes:
         A = torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=g)
         B = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g)
         ref = A.double() @ B.double().t()
-        C = ext.gemm_nt(A, B)
-        torch.cuda.synchronize()
-        written = bool(torch.isfinite(C).all())
-        e_fast, e_mm = rel_err(C, ref), rel_err(A @ B.t(), ref)
-        ok = written and e_fast <= 2 * e_mm
-        row = {"op": "gemm_nt", "M": M, "N": N, "K": K, "all_written": written, "err": e_fast,
-               "err_mm": e_mm, "ok": ok}
-        if M * N * K >= 2 ** 30:
-            t_ours = time_us(lambda: ext.gemm_nt(A, B))
-            t_mm = time_us(lambda: A @ B.t())
-            t_ours2 = time_us(lambda: ext.gemm_nt(A, B))
-            row.update(us=min(t_ours, t_ours2), us_mm=t_mm,
-                       tflops=2 * M * N * K / min(t_ours, t_ours2) / 1e6,
-                       tflops_mm=2 * M * N * K / t_mm / 1e6)
-            row["ratio_to_mm"] = row["us"] / t_mm
-        rows.append(row)
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in row.items()), flush=True)
+        e_mm = rel_err(A @ B.t(), ref)
+        # grid_limit 3 (2 CTAs for the cluster variants) on one small shape: several tiles per
+        # CTA, the persistent loop's ring and phases wrapping across tiles
+        limits = [0, 3] if (M, N, K) == (384, 768, 640) else [0]
+        for v in variants:
+            for limit in limits:
+                poisoned = poison(M * N)
+                C = ext.gemm_nt(A, B, limit, v)
+                torch.cuda.synchronize()
+                written = bool(torch.isfinite(C).all())
+                e_fast = rel_err(C, ref)
+                del C
+                row = {"op": "gemm_nt", "variant": v, "M": M, "N": N, "K": K,
+                       "grid_limit": limit, "poisoned": poisoned, "all_written": written,
+                       "err": e_fast, "err_mm": e_mm,
+                       "ok": poisoned and written and e_fast <= 2 * e_mm}
+                rows.append(row)
+                show(row)
+        del ref
+        if args.small or M * N * K < 2 ** 30:
+            continue
+        # timing: every variant, then torch.mm, then every variant again (the better of the two
+        # kept for ours), one row per (variant, shape)
+        t = {v: time_us(lambda: ext.gemm_nt(A, B, 0, v)) for v in variants}
+        t_mm = time_us(lambda: A @ B.t())
+        for v in variants:
+            t[v] = min(t[v], time_us(lambda: ext.gemm_nt(A, B, 0, v)))
+        for v in variants:
+            alone[(M, N, K, v)] = t[v]
+            row = {"op": "time gemm_nt", "variant": v, "name": VARIANTS[v], "M": M, "N": N,
+                   "K": K, "us": t[v], "us_mm": t_mm, "ratio_to_mm": t[v] / t_mm,
+                   "ratio_to_v0": t[v] / t[0] if 0 in t else float("nan"), "tflops": 2 * M * N * K / t[v] / 1e6,
+                   "tflops_mm": 2 * M * N * K / t_mm / 1e6, "ok": True}
+            rows.append(row)
+            show(row)
     # the fused U column (kR = 32): (C, U) = (A B^T, A Aadp^T), against torch.mm for both, and
-    # timed against the two cuBLAS calls it replaces and against the GEMM alone
+    # timed against the two cuBLAS calls it replaces and against the same variant's GEMM alone
     for M, N, K in shapes:
         A = torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=g)
         B = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g)
         Ad = torch.randn(32, K, device=dev, dtype=torch.bfloat16, generator=g)
-        C, U = ext.gemm_nt_u(A, B, Ad)
-        torch.cuda.synchronize()
-        written = bool(torch.isfinite(C).all() and torch.isfinite(U).all())
         refC, refU = A.double() @ B.double().t(), A.double() @ Ad.double().t()
-        eC, eU = rel_err(C, refC), rel_err(U, refU)
         eC_mm, eU_mm = rel_err(A @ B.t(), refC), rel_err(A @ Ad.t(), refU)
-        ok = written and eC <= 2 * eC_mm and eU <= 2 * eU_mm
-        row = {"op": "gemm_nt_u", "M": M, "N": N, "K": K, "all_written": written,
-               "err": eC, "err_mm": eC_mm, "err_u": eU, "err_u_mm": eU_mm, "ok": ok}
-        if M * N * K >= 2 ** 30:
-            t_u = time_us(lambda: ext.gemm_nt_u(A, B, Ad))
-            t_two = time_us(lambda: (A @ B.t(), A @ Ad.t()))
-            t_alone = time_us(lambda: ext.gemm_nt(A, B))
-            row.update(us=t_u, us_two_mm=t_two, us_gemm_alone=t_alone,
-                       ratio_to_two_mm=t_u / t_two, u_cost_us=t_u - t_alone)
-        rows.append(row)
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in row.items()), flush=True)
+        limits = [0, 3] if (M, N, K) == (384, 768, 640) else [0]
+        for v in variants:
+            for limit in limits:
+                poisoned = poison(M * N, M * 32)
+                C, U = ext.gemm_nt_u(A, B, Ad, limit, v)
+                torch.cuda.synchronize()
+                written = bool(torch.isfinite(C).all() and torch.isfinite(U).all())
+                eC, eU = rel_err(C, refC), rel_err(U, refU)
+                del C, U
+                row = {"op": "gemm_nt_u", "variant": v, "M": M, "N": N, "K": K,
+                       "grid_limit": limit, "poisoned": poisoned, "all_written": written,
+                       "err": eC, "err_mm": eC_mm, "err_u": eU, "err_u_mm": eU_mm,
+                       "ok": poisoned and written and eC <= 2 * eC_mm and eU <= 2 * eU_mm}
+                rows.append(row)
+                show(row)
+        del refC, refU
+        if args.small or M * N * K < 2 ** 30:
+            continue
+        t_two = time_us(lambda: (A @ B.t(), A @ Ad.t()))
+        for v in variants:
+            t_u = time_us(lambda: ext.gemm_nt_u(A, B, Ad, 0, v))
+            row = {"op": "time gemm_nt_u", "variant": v, "name": VARIANTS[v], "M": M, "N": N,
+                   "K": K, "us": t_u, "us_two_mm": t_two, "us_gemm_alone": alone[(M, N, K, v)],
+                   "ratio_to_two_mm": t_u / t_two, "u_cost_us": t_u - alone[(M, N, K, v)],
+                   "ok": True}
+            rows.append(row)
+            show(row)
     # bad input gets a clear error
-    try:
-        ext.gemm_nt(torch.randn(100, 64, device=dev, dtype=torch.bfloat16),
-                    torch.randn(256, 64, device=dev, dtype=torch.bfloat16))
-        print("bad shape: no error (WRONG)", flush=True)
-    except RuntimeError as exc:
-        print("bad shape:", str(exc).splitlines()[0], flush=True)
+    x = torch.randn(256, 64, device=dev, dtype=torch.bfloat16)
+    expect_error(rows, "bad shape", lambda: ext.gemm_nt(
+        torch.randn(100, 64, device=dev, dtype=torch.bfloat16), x), "M % 128")
+    for v in (-1, 4):
+        expect_error(rows, f"variant {v}", lambda: ext.gemm_nt(x, x, 0, v), "variant")
+        expect_error(rows, f"variant {v} (u)",
+                     lambda: ext.gemm_nt_u(x, x, x[:32], 0, v), "variant")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

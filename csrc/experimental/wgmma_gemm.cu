@@ -8,6 +8,23 @@
 // M % 128 == 0, N % 256 == 0, K % 64 == 0.
 // Built and checked on the device by bench/wgmma_gemm_check.py (torch.utils.cpp_extension.load,
 // registered as torch.ops.polykern_exp.gemm_nt).
+//
+// Variants (the op's `variant` argument; template flags kTmaStore, kCluster of gemm_nt_kernel):
+//   0: the kernel above, epilogue stored straight from registers (the one measured on an H100).
+//   1: TMA-store epilogue: each consumer warpgroup converts its 64 x 256 accumulators to bf16 in
+//      four 64 x 64 chunks, written (stmatrix) into one of two 8 KiB staging buffers of its own in
+//      the 128-byte swizzle layout, and one thread stores each chunk with a TMA bulk-tensor store
+//      that is only waited on (for its smem reads) before that buffer is written again, so the
+//      global writes overlap the next tile's mainloop.
+//   2: 2-CTA clusters along M with TMA multicast of B: the two CTAs of a cluster compute the
+//      vertically adjacent tiles (m0, n0) and (m0 + 128, n0); each loads its own A tile and half
+//      of the shared B tile (128 x 64 per k-block), multicast into both CTAs' shared memory, so a
+//      CTA pulls 32 instead of 48 KiB per k-block from L2. Any M % 128 == 0: when M / 128 is odd
+//      the last row pair's second CTA recomputes the first's rows and stores nothing.
+//   3: both.
+// The U column (gemm_nt_u, kR = 32) runs in every variant: its epilogue stays the register store,
+// and in the cluster variants each CTA loads its A tile and Aadp's 32 rows itself (no multicast).
+// Variants 1-3 are COMPILED, NOT YET RUN ON A GPU.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -16,6 +33,7 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
+#include <algorithm>
 #include <cstdint>
 
 namespace {
@@ -25,12 +43,31 @@ constexpr int kConsumers = 2;                     // warpgroups, 64 rows of the 
 constexpr int kThreads = 128 * (kConsumers + 1);  // + the producer warpgroup
 constexpr int kTileBytesA = BM * BK * 2, kTileBytesB = BN * BK * 2;
 
+// TMA-store epilogue (variant 1, 3): two 64 x 64 bf16 staging buffers (8 KiB, 128-byte swizzle,
+// the layout of a 64 x 64 TMA box) per consumer warpgroup, 32 KiB in all. Chunks rather than a
+// whole 128 x 256 tile (64 KiB) so that the ring keeps its 4 stages: 4 x 48 + 32 KiB + barriers +
+// the 1 KiB alignment slack = 226 KiB, just under the 227 KiB limit, while 3 stages (to stage
+// whole tiles) would shorten the mainloop's prefetch distance, the part measured closest to
+// cuBLAS. 64 columns is also the widest box the 128-byte swizzle allows. Two buffers per
+// warpgroup let a chunk's conversion run while the previous chunk's store still reads smem.
+constexpr int kEpiCols = 64, kEpiBufs = 2;
+template <bool kTmaStore>
+struct EpilogueSmem {};  // variant 0, 2: nothing (an empty member; the layout is otherwise equal)
+template <>
+struct EpilogueSmem<true> {
+  __nv_bfloat16 buf[kConsumers][kEpiBufs][64 * kEpiCols];
+};
+
+template <bool kTmaStore>
 struct __align__(1024) Smem {
   __nv_bfloat16 A[STAGES][BM * BK];  // 16 KiB per stage, 1024-byte aligned (swizzle atoms)
   __nv_bfloat16 B[STAGES][BN * BK];  // 32 KiB per stage
+  EpilogueSmem<kTmaStore> epi;       // 1024-byte aligned: follows the ring (192 KiB)
   uint64_t full[STAGES];
   uint64_t empty[STAGES];
 };
+static_assert(sizeof(Smem<true>) + 1024 <= 227 * 1024, "TMA-store variant exceeds 227 KiB smem");
+static_assert((STAGES * (BM + BN) * BK * 2) % 1024 == 0, "staging buffers must be 1024-aligned");
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -50,19 +87,33 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
 }
 
+// Spin until the barrier's phase `parity` completed. kClusterScope: acquiring at cluster scope
+// (the empty barriers of the cluster variants, arrived on by the peer's consumers).
+template <bool kClusterScope = false>
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   const uint32_t addr = smem_u32(bar);
   uint32_t done = 0;
   while (!done) {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(addr), "r"(parity)
-        : "memory");
+    if constexpr (kClusterScope)
+      asm volatile(
+          "{\n"
+          ".reg .pred p;\n"
+          "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+          "selp.u32 %0, 1, 0, p;\n"
+          "}\n"
+          : "=r"(done)
+          : "r"(addr), "r"(parity)
+          : "memory");
+    else
+      asm volatile(
+          "{\n"
+          ".reg .pred p;\n"
+          "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+          "selp.u32 %0, 1, 0, p;\n"
+          "}\n"
+          : "=r"(done)
+          : "r"(addr), "r"(parity)
+          : "memory");
   }
 }
 
@@ -75,6 +126,84 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
       " [%0], [%1, {%3, %4}], [%2];" ::"r"(smem_u32(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
       : "memory");
+}
+
+// ---- cluster (variant 2, 3) ----
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+
+// All threads of both CTAs of the cluster (not .aligned: reached after divergent code).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\n"
+               "barrier.cluster.wait.acquire;" ::: "memory");
+}
+
+// Arrive on the mbarrier at `bar`'s offset in the shared memory of cluster CTA `cta` (this CTA's
+// own rank included), releasing this thread's prior accesses at cluster scope.
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_u32(bar)), "r"(cta));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote)
+               : "memory");
+}
+
+// tma_load_2d into the same smem offset `dst` of every CTA in ctaMask, each completing the
+// transaction count of its own mbarrier at `bar`'s offset.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map,
+                                                      uint64_t* bar, int c0, int c1,
+                                                      uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "h"(mask)
+      : "memory");
+}
+
+// ---- TMA-store epilogue (variant 1, 3) ----
+// 2-D TMA store of one box from shared memory (this thread's bulk async-group).
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void* src, int c0,
+                                             int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.global.shared::cta.tile.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(smem_u32(src)), "r"(c0), "r"(c1)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_commit() {
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+// At most N of this thread's bulk groups still reading their shared memory.
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+// All of this thread's bulk groups complete (their global writes done).
+__device__ __forceinline__ void bulk_wait_all() {
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+// Generic-proxy smem writes made visible to the async proxy (the TMA store that reads them).
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+// Named barrier over one warpgroup (ids 1, 2; 0 is __syncthreads').
+__device__ __forceinline__ void warpgroup_bar(int id) {
+  asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory");
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half (lower column)
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+// Four 8 x 8 b16 matrices: lane l gives the address of row l % 8 of matrix l / 8; register i of
+// every lane holds its two elements of matrix i in the mma fragment layout (row lane / 4,
+// columns 2 (lane % 4) + 0, 1).
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2,
+                                            uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr),
+               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
 }
 
 // wgmma shared-memory descriptor of a K-major tile in the 128-byte swizzle layout TMA wrote:
@@ -148,22 +277,49 @@ __device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], uint64_t desc_a,
 // Tile t -> (first row, first column): tiles go down groups of kGroupM row blocks column by
 // column, so the ~132 tiles in flight share kGroupM row blocks of A and ~17 column blocks of B
 // (about 40 MiB at K = 4096: they stay in L2 even when B is larger than L2, e.g. N = 14336).
+// With clusters the unit is a pair of vertically adjacent tiles (kUnitRows = 256, handed to one
+// cluster), grouped by kGroupM / 2 pairs: the same 8 row blocks per group.
 constexpr int kGroupM = 8;
-__device__ __forceinline__ void tile_origin(int tile, int tiles_m, int tiles_n, int& m0, int& n0) {
-  const int per_group = kGroupM * tiles_n;
-  const int first_m = (tile / per_group) * kGroupM;
-  const int rows = min(tiles_m - first_m, kGroupM);
+template <int kUnitRows, int kGroup>
+__device__ __forceinline__ void tile_origin(int tile, int units_m, int tiles_n, int& m0, int& n0) {
+  const int per_group = kGroup * tiles_n;
+  const int first_m = (tile / per_group) * kGroup;
+  const int rows = min(units_m - first_m, kGroup);
   const int i = tile % per_group;
-  m0 = (first_m + i % rows) * BM;
+  m0 = (first_m + i % rows) * kUnitRows;
   n0 = (i / rows) * BN;
+}
+
+// This CTA's tile of work unit `unit` (a tile, or with clusters of kCtas a pair of vertically
+// adjacent tiles, of which CTA rank `rank` takes the one at m0 + 128 rank).
+template <int kCtas>
+__device__ __forceinline__ void unit_origin(int unit, int units_m, int tiles_n, uint32_t rank,
+                                            int& m0, int& n0) {
+  tile_origin<BM * kCtas, kGroupM / kCtas>(unit, units_m, tiles_n, m0, n0);
+  m0 += static_cast<int>(rank) * BM;
+}
+
+// Hand a stage back to the producer(s) that refill it. Without clusters: this CTA's empty
+// barrier (kConsumers arrivals). With clusters both CTAs' producers write into this CTA's stage
+// (the peer multicasts its half of B into it), so the stage's consumers arrive on the empty
+// barrier of both CTAs, kConsumers x 2 arrivals each.
+template <bool kCluster>
+__device__ __forceinline__ void release_stage(uint64_t* empty, uint32_t rank) {
+  if constexpr (kCluster) {
+    mbar_arrive_cluster(empty, rank);
+    mbar_arrive_cluster(empty, rank ^ 1);
+  } else {
+    mbar_arrive(empty);
+  }
 }
 
 // One consumer warpgroup's share of a tile: its 64 rows of A times the stage's first `kWidth`
 // rows of the B buffer, over all k-blocks, keeping one k-block of MMAs in flight and handing
 // each stage back to the producer once the MMAs that read it are done.
-template <int kWidth, int kRegs>
-__device__ __forceinline__ void consume_tile(float (&d)[kRegs], Smem& s, int wg, int tid,
-                                             int kblocks, int& stage, uint32_t& phase) {
+template <int kWidth, int kRegs, bool kCluster, typename S>
+__device__ __forceinline__ void consume_tile(float (&d)[kRegs], S& s, int wg, int tid,
+                                             int kblocks, int& stage, uint32_t& phase,
+                                             uint32_t rank) {
   static_assert(kRegs == kWidth / 2, "m64nNk16: N / 2 fp32 registers per thread");
   int prev = -1;
   for (int kb = 0; kb < kblocks; ++kb) {
@@ -180,12 +336,12 @@ __device__ __forceinline__ void consume_tile(float (&d)[kRegs], Smem& s, int wg,
     }
     wgmma_commit();
     wgmma_wait<1>();  // the previous k-block's MMAs are done: its stage can be refilled
-    if (prev >= 0 && tid == 0) mbar_arrive(&s.empty[prev]);
+    if (prev >= 0 && tid == 0) release_stage<kCluster>(&s.empty[prev], rank);
     prev = stage;
     if (++stage == STAGES) { stage = 0; phase ^= 1; }
   }
   wgmma_wait<0>();
-  if (prev >= 0 && tid == 0) mbar_arrive(&s.empty[prev]);
+  if (prev >= 0 && tid == 0) release_stage<kCluster>(&s.empty[prev], rank);
 }
 
 // The accumulators of consume_tile into out (row-major, leading dimension ld) at (row0, col0):
@@ -205,79 +361,162 @@ __device__ __forceinline__ void store_tile(const float (&d)[kRegs], __nv_bfloat1
   }
 }
 
+// Variant 1, 3: a warpgroup's 64 x 256 accumulators into C at (row0, col0) through its two
+// staging buffers, in four 64 x 64 chunks, chunk c through buffer c % 2. Before a buffer is
+// written, the TMA store that last read it (two chunks earlier, possibly in the previous tile)
+// must have finished reading: thread 0 waits until at most one of its bulk groups (the other
+// buffer's) is pending, then the warpgroup's named barrier publishes that. The chunk is written
+// with stmatrix in the 128-byte swizzle layout (row r at r * 128 bytes, its 16-byte column group
+// g at g ^ (r % 8)): each 8 x 8 matrix covers 8 rows x 16 bytes with 8 distinct swizzled groups,
+// so every phase hits all 32 banks once. Each thread fences its writes into the async proxy, a
+// second barrier gathers the warpgroup, thread 0 issues the store and commits it; nobody waits
+// for it here (the last two chunks' stores overlap the next tile's mainloop).
+template <typename S>
+__device__ __forceinline__ void store_tile_tma(const float (&d)[128], S& s,
+                                               const CUtensorMap* map_c, int wg, int tid,
+                                               int row0, int col0) {
+  const int warp = tid / 32, lane = tid % 32;
+  const int mat = lane / 8;                             // the matrix this lane addresses
+  const int row = warp * 16 + (mat & 1) * 8 + lane % 8;  // its row within the 64-row chunk
+  const uint32_t sw = row % 8;                          // == lane % 8
+#pragma unroll
+  for (int c = 0; c < BN / kEpiCols; ++c) {
+    const __nv_bfloat16* buf = s.epi.buf[wg][c % kEpiBufs];
+    if (tid == 0) bulk_wait_read<kEpiBufs - 1>();
+    warpgroup_bar(1 + wg);
+    const uint32_t row_addr = smem_u32(buf) + row * 128;
+#pragma unroll
+    for (int q = 0; q < kEpiCols / 16; ++q) {  // 16 columns = two 8-column groups per stmatrix
+      const int j = c * (kEpiCols / 8) + 2 * q;  // the first 8-column group, of the tile's 32
+      const uint32_t group = 2 * q + (mat >> 1);  // this lane's 16-byte group within the row
+      stmatrix_x4(row_addr + ((group ^ sw) << 4), pack_bf16(d[4 * j + 0], d[4 * j + 1]),
+                  pack_bf16(d[4 * j + 2], d[4 * j + 3]), pack_bf16(d[4 * j + 4], d[4 * j + 5]),
+                  pack_bf16(d[4 * j + 6], d[4 * j + 7]));
+    }
+    fence_proxy_async_smem();
+    warpgroup_bar(1 + wg);
+    if (tid == 0) {
+      tma_store_2d(map_c, buf, col0 + c * kEpiCols, row0);
+      bulk_commit();
+    }
+  }
+}
+
 // kR = 0: C = A B^T. kR = 32: also U = A Aadp^T (M, 32), computed by one extra column of tiles
 // (n0 == N) that loads A's tiles again (from L2: the group's other tiles just read them) and
 // Aadp's 32 rows, and runs wgmma n32: the adapter's down-projection fused into the base GEMM
 // (plan item 1). NOT YET RUN ON A GPU in its kR = 32 form (written at the end of a session whose
-// device time was spent). kR = 0 is the kernel measured in h100_wgmma_gemm.txt, whose consumer
-// loop and epilogue were then moved into consume_tile / store_tile (same instructions, shared
-// with the U tile; compiled here, not re-run).
-template <int kR>
+// device time was spent). kR = 0, kTmaStore = kCluster = false is the kernel measured in
+// h100_wgmma_gemm.txt, whose consumer loop and epilogue were then moved into consume_tile /
+// store_tile (same instructions, shared with the U tile; compiled here, not re-run).
+// kTmaStore (variant 1, 3): store_tile_tma for the C tiles. kCluster (variant 2, 3): launched in
+// clusters of 2 along x; the cluster takes tile pairs (m0, n0), (m0 + 128, n0), CTA rank r the
+// tile at m0 + 128 r, and each CTA's producer loads its A tile and B rows n0 + 128 r .. + 127,
+// multicast into both CTAs. Every CTA's full barrier expects A + all of B (its own half and the
+// peer's); a stage is refilled only when the consumers of both CTAs have released it (the empty
+// barrier counts 2 x 2 arrivals). Both CTAs of a cluster run the same pairs, hence the same
+// sequence of (stage, phase) uses; a peer's multicast into a stage of this CTA can only start
+// after this CTA's consumers released that stage, i.e. after the full barrier's previous phase
+// completed, so its bytes always land in the phase this CTA's producer arms.
+template <int kR, bool kTmaStore, bool kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
 gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-               const __grid_constant__ CUtensorMap map_u, __nv_bfloat16* __restrict__ C,
-               __nv_bfloat16* __restrict__ U, int M, int N, int K) {
+               const __grid_constant__ CUtensorMap map_u, const __grid_constant__ CUtensorMap map_c,
+               __nv_bfloat16* __restrict__ C, __nv_bfloat16* __restrict__ U, int M, int N, int K) {
   static_assert(kR == 0 || kR == 32, "the U column is 32 wide");
+  using S = Smem<kTmaStore>;
+  constexpr int kCtas = kCluster ? 2 : 1;  // CTAs per cluster = tiles per work unit
   extern __shared__ uint8_t smem_raw[];
-  Smem& s = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
-                                     ~uintptr_t{1023});
+  S& s = *reinterpret_cast<S*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   const int wg = threadIdx.x / 128;  // 0, 1: consumers; 2: producer
   const int tid = threadIdx.x % 128;
+  const uint32_t rank = kCluster ? cluster_ctarank() : 0;
   const int tiles_m = M / BM, tiles_n = N / BN + (kR > 0 ? 1 : 0);
-  const int num_tiles = tiles_m * tiles_n, kblocks = K / BK;
+  const int units_m = (tiles_m + kCtas - 1) / kCtas;
+  const int num_units = units_m * tiles_n, kblocks = K / BK;
+  // work units (tiles, or tile pairs for a cluster): cluster blockIdx.x / kCtas of gridDim.x /
+  // kCtas; both CTAs of a cluster iterate the same units (the launch makes gridDim.x even)
+  const int first_unit = blockIdx.x / kCtas, unit_stride = gridDim.x / kCtas;
   if (threadIdx.x == 0) {
     for (int i = 0; i < STAGES; ++i) {
       mbar_init(&s.full[i], 1);
-      mbar_init(&s.empty[i], kConsumers);
+      mbar_init(&s.empty[i], kConsumers * kCtas);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  __syncthreads();
+  // the peer's producer and consumers use this CTA's barriers: both CTAs' inits must be visible
+  // cluster-wide before anyone arrives, waits or multicasts
+  if constexpr (kCluster) cluster_sync(); else __syncthreads();
 
   if (wg == kConsumers) {  // producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (tid == 0) {
       int stage = 0;
       uint32_t phase = 0;
-      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+      for (int unit = first_unit; unit < num_units; unit += unit_stride) {
         int m0, n0;
-        tile_origin(tile, tiles_m, tiles_n, m0, n0);
+        unit_origin<kCtas>(unit, units_m, tiles_n, rank, m0, n0);
+        // cluster, M / 128 odd: the last pair's second tile lies below M; it loads the first
+        // tile's rows (its consumers compute and store nothing) so that it still runs the
+        // cluster's pipeline (its half of B, its barrier arrivals)
+        const int a_row = kCluster ? min(m0, M - BM) : m0;
         const bool u_tile = kR > 0 && n0 == N;
         for (int kb = 0; kb < kblocks; ++kb) {
-          mbar_wait(&s.empty[stage], phase ^ 1);
+          mbar_wait<kCluster>(&s.empty[stage], phase ^ 1);
           if (u_tile) {  // A's tile and Aadp's kR rows (into the first rows of the B buffer)
             mbar_expect_tx(&s.full[stage], kTileBytesA + kR * BK * 2);
-            tma_load_2d(s.A[stage], &map_a, &s.full[stage], kb * BK, m0);
+            tma_load_2d(s.A[stage], &map_a, &s.full[stage], kb * BK, a_row);
             tma_load_2d(s.B[stage], &map_u, &s.full[stage], kb * BK, 0);
           } else {
-            mbar_expect_tx(&s.full[stage], kTileBytesA + kTileBytesB);
-            tma_load_2d(s.A[stage], &map_a, &s.full[stage], kb * BK, m0);
-            tma_load_2d(s.B[stage], &map_b, &s.full[stage], kb * BK, n0);
+            mbar_expect_tx(&s.full[stage], kTileBytesA + kTileBytesB);  // all of B, both halves
+            tma_load_2d(s.A[stage], &map_a, &s.full[stage], kb * BK, a_row);
+            if constexpr (kCluster) {
+              constexpr int kHalf = BN / 2;  // map_b's box is 128 rows here
+              tma_load_2d_multicast(s.B[stage] + rank * kHalf * BK, &map_b, &s.full[stage],
+                                    kb * BK, n0 + static_cast<int>(rank) * kHalf, 0x3);
+            } else {
+              tma_load_2d(s.B[stage], &map_b, &s.full[stage], kb * BK, n0);
+            }
           }
           if (++stage == STAGES) { stage = 0; phase ^= 1; }
         }
       }
     }
-    return;
-  }
-
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
-  float d[128];
-  int stage = 0;
-  uint32_t phase = 0;
-  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-    int m0, n0;
-    tile_origin(tile, tiles_m, tiles_n, m0, n0);
-    if constexpr (kR > 0) {
-      if (n0 == N) {  // the U tile: (128 x 32) = A's row block times Aadp^T
-        float du[16];
-        consume_tile<kR>(du, s, wg, tid, kblocks, stage, phase);
-        store_tile<kR>(du, U, kR, m0 + wg * 64, 0, tid);
-        continue;
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    float d[128];
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int unit = first_unit; unit < num_units; unit += unit_stride) {
+      int m0, n0;
+      unit_origin<kCtas>(unit, units_m, tiles_n, rank, m0, n0);
+      const bool stored = !kCluster || m0 < M;  // see a_row above
+      if constexpr (kR > 0) {
+        if (n0 == N) {  // the U tile: (128 x 32) = A's row block times Aadp^T
+          float du[16];
+          consume_tile<kR, 16, kCluster>(du, s, wg, tid, kblocks, stage, phase, rank);
+          if (stored) store_tile<kR>(du, U, kR, m0 + wg * 64, 0, tid);
+          continue;
+        }
+      }
+      consume_tile<BN, 128, kCluster>(d, s, wg, tid, kblocks, stage, phase, rank);
+      if (stored) {
+        if constexpr (kTmaStore) store_tile_tma(d, s, &map_c, wg, tid, m0 + wg * 64, n0);
+        else store_tile<BN>(d, C, N, m0 + wg * 64, n0, tid);
       }
     }
-    consume_tile<BN>(d, s, wg, tid, kblocks, stage, phase);
-    store_tile<BN>(d, C, N, m0 + wg * 64, n0, tid);
+    // the staging buffers' last stores: done (global writes included) before the CTA exits
+    if constexpr (kTmaStore) {
+      if (tid == 0) bulk_wait_all();
+    }
+  }
+  // no CTA leaves while its peer may still arrive on its empty barriers (the peer's consumers
+  // release every stage in both CTAs); the peer's multicasts into this CTA all completed before
+  // this CTA's consumers got past the last full barrier. (__syncwarp: the producer warp's lane 0
+  // reconverges with the lanes that skipped its loop before the warp meets the cluster barrier.)
+  if constexpr (kCluster) {
+    __syncwarp();
+    cluster_sync();
   }
 }
 
@@ -325,10 +564,67 @@ void check_operand(const at::Tensor& T, const at::Tensor& A, const char* name) {
 }
 }  // namespace
 
+namespace {
+// One launch of gemm_nt_kernel<kR, kTmaStore, kCluster>. Without clusters: min(tiles, SMs)
+// CTAs. With clusters: an even grid of 2 x min(tile pairs, the clusters that fit on the device at
+// once (cudaOccupancyMaxActiveClusters: a 2-CTA cluster needs two free SMs of one GPC, so fewer
+// than SMs / 2 may fit, and a second wave would cost a whole tile time), SMs / 2) CTAs, launched
+// with cudaLaunchKernelEx and a (2, 1, 1) cluster dimension. grid_limit (> 0) caps the CTAs
+// (rounded down to even, at least 2, with clusters).
+template <int kR, bool kTmaStore, bool kCluster>
+void launch(const CUtensorMap& ma, const CUtensorMap& mb, const CUtensorMap& mu,
+            const CUtensorMap& mc, __nv_bfloat16* c, __nv_bfloat16* u, int M, int N, int K,
+            int64_t grid_limit, cudaStream_t stream) {
+  auto* kernel = gemm_nt_kernel<kR, kTmaStore, kCluster>;
+  const size_t smem = sizeof(Smem<kTmaStore>) + 1024;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (grid_limit > 0 && grid_limit < sms) sms = static_cast<int>(grid_limit);
+  const int64_t tiles_m = M / BM, tiles_n = N / BN + (kR > 0 ? 1 : 0);
+  if constexpr (!kCluster) {
+    const int64_t tiles = tiles_m * tiles_n;
+    const int grid = static_cast<int>(tiles < sms ? tiles : sms);
+    kernel<<<grid, kThreads, smem, stream>>>(ma, mb, mu, mc, c, u, M, N, K);
+  } else {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 2;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(2, 1, 1);
+    cfg.blockDim = dim3(kThreads, 1, 1);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    static int max_clusters[64] = {};  // per device, queried once
+    const int dev = at::cuda::current_device();
+    TORCH_CHECK(dev >= 0 && dev < 64, "wgmma_gemm: device index ", dev, " out of range");
+    if (max_clusters[dev] == 0) {
+      int n = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel, &cfg));
+      TORCH_CHECK(n > 0, "wgmma_gemm: no 2-CTA cluster of this kernel fits on the device");
+      max_clusters[dev] = n;
+    }
+    const int64_t units = (tiles_m + 1) / 2 * tiles_n;
+    int64_t clusters = std::min<int64_t>({units, max_clusters[dev], std::max(1, sms / 2)});
+    cfg.gridDim = dim3(static_cast<unsigned>(2 * clusters), 1, 1);
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, ma, mb, mu, mc, c, u, M, N, K));
+  }
+}
+
+}  // namespace
+
 // (C, U) = (A B^T, A Aadp^T) for A (M, K), B (N, K), Aadp (32, K) or undefined (then U is
-// undefined), all bf16 CUDA with unit stride along K.
+// undefined), all bf16 CUDA with unit stride along K. variant: see the file's head.
 std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::Tensor& B,
-                                                const at::Tensor& Aadp, int64_t grid_limit) {
+                                                const at::Tensor& Aadp, int64_t grid_limit,
+                                                int64_t variant) {
+  TORCH_CHECK(variant >= 0 && variant <= 3,
+              "wgmma_gemm: variant must be 0 (register epilogue), 1 (TMA-store epilogue), "
+              "2 (2-CTA cluster, B multicast) or 3 (both), got ", variant);
   TORCH_CHECK(A.is_cuda() && A.scalar_type() == at::kBFloat16 && A.dim() == 2,
               "wgmma_gemm: A must be a 2-D bf16 CUDA tensor, got ", A.scalar_type(), " ",
               A.dim(), "-D on ", A.device());
@@ -342,51 +638,53 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
     check_operand(Aadp, A, "Aadp");
     TORCH_CHECK(Aadp.size(0) == 32, "wgmma_gemm: Aadp must have 32 rows, got ", Aadp.size(0));
   }
+  const bool tma_store = variant & 1, cluster = variant & 2;
   const c10::cuda::CUDAGuard guard(A.device());
   at::Tensor C = at::empty({M, N}, A.options());
   at::Tensor U = with_u ? at::empty({M, 32}, A.options()) : at::Tensor();
   if (M == 0 || (N == 0 && !with_u)) return {C, U};
-  const CUtensorMap ma = make_map(A, BM), mb = make_map(B, BN);
+  // with clusters each CTA loads half of B's 256-row tile: boxes of 128 rows
+  const CUtensorMap ma = make_map(A, BM), mb = make_map(B, cluster ? BN / 2 : BN);
   const CUtensorMap mu = with_u ? make_map(Aadp, 32) : ma;
-  int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  if (grid_limit > 0 && grid_limit < sms) sms = static_cast<int>(grid_limit);
-  const int tiles = static_cast<int>((M / BM) * (N / BN + (with_u ? 1 : 0)));
-  const int grid = tiles < sms ? tiles : sms;
-  const size_t smem = sizeof(Smem) + 1024;
+  // the TMA store's map: C in 64 x 64 boxes, 128-byte swizzle (the staging buffers' layout)
+  const CUtensorMap mc = tma_store && N > 0 ? make_map(C, kEpiCols) : ma;
   auto* c = reinterpret_cast<__nv_bfloat16*>(C.data_ptr());
   auto* u = with_u ? reinterpret_cast<__nv_bfloat16*>(U.data_ptr()) : nullptr;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (with_u) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(gemm_nt_kernel<32>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-    gemm_nt_kernel<32><<<grid, kThreads, smem, stream>>>(
-        ma, mb, mu, c, u, static_cast<int>(M), static_cast<int>(N), static_cast<int>(K));
-  } else {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(gemm_nt_kernel<0>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-    gemm_nt_kernel<0><<<grid, kThreads, smem, stream>>>(
-        ma, mb, mu, c, u, static_cast<int>(M), static_cast<int>(N), static_cast<int>(K));
+  const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
+  switch (variant * 2 + (with_u ? 1 : 0)) {
+    case 0: launch<0, false, false>(ma, mb, mu, mc, c, u, m, n, k, grid_limit, stream); break;
+    case 1: launch<32, false, false>(ma, mb, mu, mc, c, u, m, n, k, grid_limit, stream); break;
+    case 2: launch<0, true, false>(ma, mb, mu, mc, c, u, m, n, k, grid_limit, stream); break;
+    case 3: launch<32, true, false>(ma, mb, mu, mc, c, u, m, n, k, grid_limit, stream); break;
+    case 4: launch<0, false, true>(ma, mb, mu, mc, c, u, m, n, k, grid_limit, stream); break;
+    case 5: launch<32, false, true>(ma, mb, mu, mc, c, u, m, n, k, grid_limit, stream); break;
+    case 6: launch<0, true, true>(ma, mb, mu, mc, c, u, m, n, k, grid_limit, stream); break;
+    default: launch<32, true, true>(ma, mb, mu, mc, c, u, m, n, k, grid_limit, stream); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {C, U};
 }
 
-at::Tensor gemm_nt(const at::Tensor& A, const at::Tensor& B, int64_t grid_limit) {
-  return std::get<0>(gemm_nt_impl(A, B, at::Tensor(), grid_limit));
+at::Tensor gemm_nt(const at::Tensor& A, const at::Tensor& B, int64_t grid_limit,
+                   int64_t variant) {
+  return std::get<0>(gemm_nt_impl(A, B, at::Tensor(), grid_limit, variant));
 }
 
 std::tuple<at::Tensor, at::Tensor> gemm_nt_u(const at::Tensor& A, const at::Tensor& B,
-                                             const at::Tensor& Aadp, int64_t grid_limit) {
-  return gemm_nt_impl(A, B, Aadp, grid_limit);
+                                             const at::Tensor& Aadp, int64_t grid_limit,
+                                             int64_t variant) {
+  return gemm_nt_impl(A, B, Aadp, grid_limit, variant);
 }
 
 // Registered through the dispatcher, as polykern's own ops are: torch.ops.polykern_exp.gemm_nt.
 // (A pybind11 binding of the first version crashed the process on the device when a check failed
 // instead of raising; the dispatcher's error path is the one polykern's tests exercise.)
+// variant: 0 register epilogue (measured), 1 TMA-store epilogue, 2 2-CTA cluster with B
+// multicast, 3 both (1-3 compiled, not yet run on a GPU).
 TORCH_LIBRARY(polykern_exp, m) {
-  m.def("gemm_nt(Tensor A, Tensor B, int grid_limit=0) -> Tensor", &gemm_nt);
-  m.def("gemm_nt_u(Tensor A, Tensor B, Tensor Aadp, int grid_limit=0) -> (Tensor, Tensor)",
+  m.def("gemm_nt(Tensor A, Tensor B, int grid_limit=0, int variant=0) -> Tensor", &gemm_nt);
+  m.def("gemm_nt_u(Tensor A, Tensor B, Tensor Aadp, int grid_limit=0, int variant=0)"
+        " -> (Tensor, Tensor)",
         &gemm_nt_u);
 }
