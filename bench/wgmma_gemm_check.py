@@ -8,6 +8,12 @@ own at cuBLAS's speed, into which the adapter's passes can then be fused.
 Also the fused form (C, U) = (A B^T, A Aadp^T) with Aadp (32, K): the adapter's down-projection
 as one more column of tiles (not yet run on a GPU when written).
 
+And gemm_nt_lora: (C, U) = (bf16(A B^T + U Bup^T), U = bf16(A Aadp^T)), Bup (N, 32), the adapter
+layer's forward without the merged weight, in one launch (TMA-store epilogue; not yet run on a
+GPU when written). --ops selects the sections (nt, u, lora), e.g.
+
+    python bench/wgmma_gemm_check.py --variants 1 --ops lora
+
 Every check and timing runs for each of the op's variants (its last argument, see the .cu file's
 head): 0 the measured kernel (epilogue stored from registers), 1 TMA-store epilogue through
 shared memory, 2 2-CTA clusters with B multicast, 3 both; 1-3 compiled, not yet run on a GPU.
@@ -98,6 +104,69 @@ def expect_error(rows, what, fn, needle):
     show(row)
 
 
+def check_lora(ext, rows, shapes, g, small):
+    """gemm_nt_lora: (C, U) = (bf16(A B^T + U Bup^T), U = bf16(A Aadp^T)) on every shape (grid
+    limits 2, 3, 5 on (384, 768, 640): several units per CTA; with 2 and 5 a row block's U tile
+    and its base tiles fall on different CTAs, so producers wait on other CTAs' flags; at limit 3
+    each row block's tiles share one CTA, the own-U-tile case), then timed on the large shapes
+    against variant 1's gemm_nt alone and against what a step does today without the fused
+    kernel: merge Wm = B + Bup Aadp, then x Wm^T and x Aadp^T (three cuBLAS calls).
+
+    Operands: A, B randn; Aadp randn / sqrt(K) and Bup randn * sqrt(K / 32), so that U Bup^T
+    (sqrt(32) * sqrt(K / 32)) is of the order of A B^T (sqrt(K)). Both outputs are poisoned with
+    NaN first: besides unwritten elements, that also catches a base tile whose extra k-block read
+    U before its U tile stored it (the NaN would propagate into C).
+
+    Error bounds. U: against float64 A Aadp^T, at most 2x torch's bf16 A @ Aadp.t(). C: against
+    the float64 value of A B^T + U_ours Bup^T (C is defined with the rounded U, ours). torch's
+    bf16 form torch.addmm(A @ B.t(), U, Bup.t()) rounds A B^T to bf16 before the addition and
+    the sum again (two roundings), ours rounds once, so a 2x bound against it would be loose; the
+    bound used is 2x the error of the same definition computed by torch in fp32 (products and
+    the sum in fp32 without TF32, one rounding to bf16 at the end), i.e. the error model ours
+    must meet; the addmm error is reported as err_addmm."""
+    dev = "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for M, N, K in shapes:
+        A = torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=g)
+        B = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g)
+        Ad = (torch.randn(32, K, device=dev, generator=g) / K ** 0.5).bfloat16()
+        Bu = (torch.randn(N, 32, device=dev, generator=g) * (K / 32) ** 0.5).bfloat16()
+        refU = A.double() @ Ad.double().t()
+        eU_mm = rel_err(A @ Ad.t(), refU)
+        base = A.double() @ B.double().t()
+        for limit in [0, 2, 3, 5] if (M, N, K) == (384, 768, 640) else [0]:
+            poisoned = poison(M * N, M * 32)
+            C, U = ext.gemm_nt_lora(A, B, Ad, Bu, limit)
+            torch.cuda.synchronize()
+            written = bool(torch.isfinite(C).all() and torch.isfinite(U).all())
+            eU = rel_err(U, refU)
+            refC = base + U.double() @ Bu.double().t()
+            eC = rel_err(C, refC)
+            e_fp32 = rel_err((A.float() @ B.float().t() + U.float() @ Bu.float().t()).bfloat16(),
+                             refC)
+            e_addmm = rel_err(torch.addmm(A @ B.t(), U, Bu.t()), refC)
+            del C, U, refC
+            row = {"op": "gemm_nt_lora", "M": M, "N": N, "K": K, "grid_limit": limit,
+                   "poisoned": poisoned, "all_written": written, "err": eC, "err_fp32": e_fp32,
+                   "err_addmm": e_addmm, "err_u": eU, "err_u_mm": eU_mm,
+                   "ok": poisoned and written and eC <= 2 * e_fp32 and eU <= 2 * eU_mm}
+            rows.append(row)
+            show(row)
+        del refU, base
+        if small or M * N * K < 2 ** 30:
+            continue
+        # ours before and after the others, the better kept (as for gemm_nt)
+        t_lora = time_us(lambda: ext.gemm_nt_lora(A, B, Ad, Bu))
+        t_gemm = time_us(lambda: ext.gemm_nt(A, B, 0, 1))
+        t_today = time_us(lambda: (A @ torch.addmm(B, Bu, Ad).t(), A @ Ad.t()))
+        t_lora = min(t_lora, time_us(lambda: ext.gemm_nt_lora(A, B, Ad, Bu)))
+        row = {"op": "time gemm_nt_lora", "M": M, "N": N, "K": K, "us": t_lora,
+               "us_gemm_alone": t_gemm, "us_today": t_today, "lora_cost_us": t_lora - t_gemm,
+               "ratio_to_today": t_lora / t_today, "ok": True}
+        rows.append(row)
+        show(row)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
@@ -106,7 +175,13 @@ def main():
     ap.add_argument("--variants", default="0,1,2,3",
                     help="comma-separated subset of the op's variants to check and time "
                          "(ratio_to_v0 is nan without 0)")
+    ap.add_argument("--ops", default="nt,u,lora",
+                    help="comma-separated subset of the sections: nt (gemm_nt), u (gemm_nt_u), "
+                         "lora (gemm_nt_lora, always TMA-store; its timing runs variant 1's "
+                         "gemm_nt as the base GEMM alone)")
     args = ap.parse_args()
+    ops = set(args.ops.split(","))
+    assert ops <= {"nt", "u", "lora"}, f"unknown section in {args.ops}"
     variants = [int(v) for v in args.variants.split(",")]
     assert all(v in VARIANTS for v in variants), f"unknown variant in {args.variants}"
     ext = build()
@@ -120,7 +195,7 @@ def main():
         shapes = shapes[:3]
     g = torch.Generator(dev).manual_seed(0)
     alone = {}  # (M, N, K, variant) -> gemm_nt's time, for the U column's cost
-    for M, N, K in shapes:
+    for M, N, K in shapes if "nt" in ops else []:
         A = torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=g)
         B = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g)
         ref = A.double() @ B.double().t()
@@ -161,7 +236,7 @@ def main():
             show(row)
     # the fused U column (kR = 32): (C, U) = (A B^T, A Aadp^T), against torch.mm for both, and
     # timed against the two cuBLAS calls it replaces and against the same variant's GEMM alone
-    for M, N, K in shapes:
+    for M, N, K in shapes if "u" in ops else []:
         A = torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=g)
         B = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g)
         Ad = torch.randn(32, K, device=dev, dtype=torch.bfloat16, generator=g)
@@ -187,6 +262,8 @@ def main():
             continue
         t_two = time_us(lambda: (A @ B.t(), A @ Ad.t()))
         for v in variants:
+            if (M, N, K, v) not in alone:  # without the nt section
+                alone[(M, N, K, v)] = time_us(lambda: ext.gemm_nt(A, B, 0, v))
             t_u = time_us(lambda: ext.gemm_nt_u(A, B, Ad, 0, v))
             row = {"op": "time gemm_nt_u", "variant": v, "name": VARIANTS[v], "M": M, "N": N,
                    "K": K, "us": t_u, "us_two_mm": t_two, "us_gemm_alone": alone[(M, N, K, v)],
@@ -194,7 +271,9 @@ def main():
                    "ok": True}
             rows.append(row)
             show(row)
-    # bad input gets a clear error
+    if "lora" in ops:
+        check_lora(ext, rows, [s for s in shapes if s != (8192, 4096, 14336)], g, args.small)
+    # bad input gets a clear error (last: a failed check may take the process down on the device)
     x = torch.randn(256, 64, device=dev, dtype=torch.bfloat16)
     expect_error(rows, "bad shape", lambda: ext.gemm_nt(
         torch.randn(100, 64, device=dev, dtype=torch.bfloat16), x), "M % 128")
@@ -202,6 +281,13 @@ def main():
         expect_error(rows, f"variant {v}", lambda: ext.gemm_nt(x, x, 0, v), "variant")
         expect_error(rows, f"variant {v} (u)",
                      lambda: ext.gemm_nt_u(x, x, x[:32], 0, v), "variant")
+    if "lora" in ops:
+        a = torch.randn(256, 64, device=dev, dtype=torch.bfloat16)
+        up = torch.randn(256, 32, device=dev, dtype=torch.bfloat16)
+        expect_error(rows, "lora: Bup rows", lambda: ext.gemm_nt_lora(a, a, a[:32], up[:128]),
+                     "Bup")
+        expect_error(rows, "lora: Bup columns", lambda: ext.gemm_nt_lora(a, a, a[:32], a), "Bup")
+        expect_error(rows, "lora: Aadp rows", lambda: ext.gemm_nt_lora(a, a, a[:16], up), "Aadp")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

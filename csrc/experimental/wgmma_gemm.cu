@@ -25,6 +25,13 @@
 // The U column (gemm_nt_u, kR = 32) runs in every variant: its epilogue stays the register store,
 // and in the cluster variants each CTA loads its A tile and Aadp's 32 rows itself (no multicast).
 // Variants 1-3 are COMPILED, NOT YET RUN ON A GPU.
+//
+// gemm_nt_lora (polykern_exp.gemm_nt_lora, kLora): C = bf16(A B^T + U Bup^T), U = bf16(A Aadp^T),
+// Bup (N, 32): the adapter layer's forward without the merged weight, variant 1 only. The U
+// tiles come first in each group, every base tile adds one k-block of U's rows times Bup's rows
+// after K, read by TMA once its row block's U tile published it through a per-row-block flag;
+// a cooperative launch keeps all CTAs co-resident (see gemm_nt_kernel for the deadlock argument).
+// COMPILED, NOT YET RUN ON A GPU.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -192,6 +199,36 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
 __device__ __forceinline__ void warpgroup_bar(int id) {
   asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory");
 }
+// ---- gemm_nt_lora's hand-off of U between CTAs ----
+// Ordering of this thread's generic-proxy accesses to global memory with its async-proxy ones
+// (PTX fence.proxy.async with the .global state space). Used on both sides of the hand-off: by
+// every thread that stored U rows with st.global (before the barrier that precedes the flag's
+// release), and by the producer between its flag acquire and the TMA load that reads those rows.
+__device__ __forceinline__ void fence_proxy_async_global() {
+  asm volatile("fence.proxy.async.global;" ::: "memory");
+}
+// One more warpgroup's U rows of a row block are in global memory: the warpgroup's threads each
+// fence their stores into the async proxy, meet at the warpgroup's named barrier, and thread 0
+// adds 1 to the row block's flag with release semantics at gpu scope (cumulative: it releases
+// the stores the barrier ordered before it). A row block is ready at kConsumers.
+__device__ __forceinline__ void publish_u_rows(int* flag, int wg, int tid) {
+  fence_proxy_async_global();
+  warpgroup_bar(1 + wg);
+  if (tid == 0) asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(flag) : "memory");
+}
+// The producer: spin (acquire, gpu scope, with a capped exponential __nanosleep backoff) until
+// the row block's flag reached `target`, then the proxy fence before the TMA load of U.
+__device__ __forceinline__ void wait_u_rows(const int* flag, int target) {
+  uint32_t ns = 32;
+  for (;;) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(flag) : "memory");
+    if (v >= target) break;
+    __nanosleep(ns);
+    if (ns < 1024) ns *= 2;
+  }
+  fence_proxy_async_global();
+}
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half (lower column)
   return *reinterpret_cast<const uint32_t*>(&v);
@@ -292,11 +329,15 @@ __device__ __forceinline__ void tile_origin(int tile, int units_m, int tiles_n, 
 
 // This CTA's tile of work unit `unit` (a tile, or with clusters of kCtas a pair of vertically
 // adjacent tiles, of which CTA rank `rank` takes the one at m0 + 128 rank).
-template <int kCtas>
+// kUFirst (gemm_nt_lora): the U column (n0 == N) is each group's FIRST column instead of its last
+// (the others shift right by one), so that the U tile of a row block always has a smaller unit
+// index than every base tile of that row block (same group, column 0 < column c >= 1).
+template <int kCtas, bool kUFirst = false>
 __device__ __forceinline__ void unit_origin(int unit, int units_m, int tiles_n, uint32_t rank,
                                             int& m0, int& n0) {
   tile_origin<BM * kCtas, kGroupM / kCtas>(unit, units_m, tiles_n, m0, n0);
   m0 += static_cast<int>(rank) * BM;
+  if constexpr (kUFirst) n0 = n0 == 0 ? (tiles_n - 1) * BN : n0 - BN;
 }
 
 // Hand a stage back to the producer(s) that refill it. Without clusters: this CTA's empty
@@ -313,33 +354,47 @@ __device__ __forceinline__ void release_stage(uint64_t* empty, uint32_t rank) {
   }
 }
 
-// One consumer warpgroup's share of a tile: its 64 rows of A times the stage's first `kWidth`
-// rows of the B buffer, over all k-blocks, keeping one k-block of MMAs in flight and handing
-// each stage back to the producer once the MMAs that read it are done.
-template <int kWidth, int kRegs, bool kCluster, typename S>
+// One k-block of a consumer warpgroup: wait for the stage, issue kSteps k16 MMAs of its 64 rows
+// of A times the stage's first `kWidth` rows of the B buffer (accumulating unless `first`), keep
+// this k-block's MMAs in flight and hand the previous k-block's stage (`prev`) back to the
+// producer once the MMAs that read it are done.
+template <int kWidth, int kRegs, bool kCluster, int kSteps, typename S>
+__device__ __forceinline__ void consume_kblock(float (&d)[kRegs], S& s, int wg, int tid,
+                                               bool first, int& stage, uint32_t& phase,
+                                               int& prev, uint32_t rank) {
+  mbar_wait(&s.full[stage], phase);
+  wgmma_fence();
+  const __nv_bfloat16* a = s.A[stage] + wg * 64 * BK;  // this warpgroup's 64 rows
+  const __nv_bfloat16* b = s.B[stage];
+#pragma unroll
+  for (int k = 0; k < kSteps; ++k) {  // 16 bf16 = 32 bytes along K inside the swizzle atom
+    if constexpr (kWidth == 256)
+      wgmma_m64n256k16(d, smem_desc(a + k * 16), smem_desc(b + k * 16), (!first || k > 0));
+    else
+      wgmma_m64n32k16(d, smem_desc(a + k * 16), smem_desc(b + k * 16), (!first || k > 0));
+  }
+  wgmma_commit();
+  wgmma_wait<1>();  // the previous k-block's MMAs are done: its stage can be refilled
+  if (prev >= 0 && tid == 0) release_stage<kCluster>(&s.empty[prev], rank);
+  prev = stage;
+  if (++stage == STAGES) { stage = 0; phase ^= 1; }
+}
+
+// One consumer warpgroup's share of a tile: consume_kblock over all k-blocks, one k-block of
+// MMAs in flight. kExtra (gemm_nt_lora's base tiles): one more k-block after the K / 64 regular
+// ones, whose stage holds U's 128 rows (A buffer) and Bup's 256 rows (B buffer), 32 columns each
+// (columns 32..63 zero-filled by TMA): only its first two k16 MMAs are issued.
+template <int kWidth, int kRegs, bool kCluster, bool kExtra = false, typename S>
 __device__ __forceinline__ void consume_tile(float (&d)[kRegs], S& s, int wg, int tid,
                                              int kblocks, int& stage, uint32_t& phase,
                                              uint32_t rank) {
   static_assert(kRegs == kWidth / 2, "m64nNk16: N / 2 fp32 registers per thread");
   int prev = -1;
-  for (int kb = 0; kb < kblocks; ++kb) {
-    mbar_wait(&s.full[stage], phase);
-    wgmma_fence();
-    const __nv_bfloat16* a = s.A[stage] + wg * 64 * BK;  // this warpgroup's 64 rows
-    const __nv_bfloat16* b = s.B[stage];
-#pragma unroll
-    for (int k = 0; k < BK / 16; ++k) {  // 16 bf16 = 32 bytes along K inside the swizzle atom
-      if constexpr (kWidth == 256)
-        wgmma_m64n256k16(d, smem_desc(a + k * 16), smem_desc(b + k * 16), (kb > 0 || k > 0));
-      else
-        wgmma_m64n32k16(d, smem_desc(a + k * 16), smem_desc(b + k * 16), (kb > 0 || k > 0));
-    }
-    wgmma_commit();
-    wgmma_wait<1>();  // the previous k-block's MMAs are done: its stage can be refilled
-    if (prev >= 0 && tid == 0) release_stage<kCluster>(&s.empty[prev], rank);
-    prev = stage;
-    if (++stage == STAGES) { stage = 0; phase ^= 1; }
-  }
+  for (int kb = 0; kb < kblocks; ++kb)
+    consume_kblock<kWidth, kRegs, kCluster, BK / 16>(d, s, wg, tid, kb == 0, stage, phase, prev,
+                                                     rank);
+  if constexpr (kExtra)
+    consume_kblock<kWidth, kRegs, kCluster, 2>(d, s, wg, tid, false, stage, phase, prev, rank);
   wgmma_wait<0>();
   if (prev >= 0 && tid == 0) release_stage<kCluster>(&s.empty[prev], rank);
 }
@@ -418,12 +473,40 @@ __device__ __forceinline__ void store_tile_tma(const float (&d)[128], S& s,
 // sequence of (stage, phase) uses; a peer's multicast into a stage of this CTA can only start
 // after this CTA's consumers released that stage, i.e. after the full barrier's previous phase
 // completed, so its bytes always land in the phase this CTA's producer arms.
-template <int kR, bool kTmaStore, bool kCluster>
+//
+// kLora (gemm_nt_lora; kR = 32, TMA store, no clusters): C = A B^T + U Bup^T with U = bf16(A
+// Aadp^T) computed in the same launch, in one fp32 accumulator, without merging W + Bup Aadp.
+// The U column is each group's first (unit_origin<.., true>); the U tile's consumers store U and
+// publish its row block (publish_u_rows: a per-row-block counter, ready at kConsumers); every
+// base tile runs one extra k-block (U's 128 rows x Bup's 256 rows, 32 columns, see consume_tile)
+// whose TMA load the producer issues only after wait_u_rows on its row block's counter.
+// Deadlock freedom. (a) Every dependency points to a smaller unit index: a base tile (group g,
+// column c >= 1, row r) needs only the U tile (g, 0, r), unit g * per_group + r < g * per_group
+// + c * rows + r. (b) Each CTA processes its units in increasing order (first_unit, + stride),
+// producer and consumers alike, and the producer issues every load of a unit before any of the
+// next; so when it spins on a flag for unit u's extra k-block, all loads of units < u (and u's
+// regular k-blocks) are already issued, and this CTA's consumers can finish every earlier unit,
+// in particular a U tile of their own that the flag may be waiting for, without it. (c) All
+// CTAs are co-resident (cooperative launch, grid <= SMs, one CTA per SM; see launch). Then take
+// the smallest unit u that never completes: all units < u complete, so u's CTA gets to u (its
+// earlier units are all < u), the stages u needs are released by u's own consumers as in any
+// GEMM, and if u is a base tile its U tile is < u, hence complete, its flag already published:
+// u completes, a contradiction. Without (c) a CTA spinning for a U tile owned by a CTA that is
+// not yet resident (it waits for this one's SM, or for another stream's kernel) hangs.
+struct LoraArgs {
+  CUtensorMap u;    // U (M, 32) as an A operand: 128 x 64 boxes, columns 32..63 out of bounds
+  CUtensorMap bup;  // Bup (N, 32) as a B operand: 256 x 64 boxes, likewise
+  int* flags;       // M / 128 counters, zeroed before the launch
+};
+
+template <int kR, bool kTmaStore, bool kCluster, bool kLora = false>
 __global__ void __launch_bounds__(kThreads, 1)
 gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                const __grid_constant__ CUtensorMap map_u, const __grid_constant__ CUtensorMap map_c,
-               __nv_bfloat16* __restrict__ C, __nv_bfloat16* __restrict__ U, int M, int N, int K) {
+               const __grid_constant__ LoraArgs lora, __nv_bfloat16* __restrict__ C,
+               __nv_bfloat16* __restrict__ U, int M, int N, int K) {
   static_assert(kR == 0 || kR == 32, "the U column is 32 wide");
+  static_assert(!kLora || (kR == 32 && kTmaStore && !kCluster), "gemm_nt_lora: kR 32, variant 1");
   using S = Smem<kTmaStore>;
   constexpr int kCtas = kCluster ? 2 : 1;  // CTAs per cluster = tiles per work unit
   extern __shared__ uint8_t smem_raw[];
@@ -455,27 +538,35 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
       uint32_t phase = 0;
       for (int unit = first_unit; unit < num_units; unit += unit_stride) {
         int m0, n0;
-        unit_origin<kCtas>(unit, units_m, tiles_n, rank, m0, n0);
+        unit_origin<kCtas, kLora>(unit, units_m, tiles_n, rank, m0, n0);
         // cluster, M / 128 odd: the last pair's second tile lies below M; it loads the first
         // tile's rows (its consumers compute and store nothing) so that it still runs the
         // cluster's pipeline (its half of B, its barrier arrivals)
         const int a_row = kCluster ? min(m0, M - BM) : m0;
         const bool u_tile = kR > 0 && n0 == N;
-        for (int kb = 0; kb < kblocks; ++kb) {
+        const int extra = kLora && !u_tile ? 1 : 0;  // gemm_nt_lora: the U Bup^T k-block
+        for (int kb = 0; kb < kblocks + extra; ++kb) {
           mbar_wait<kCluster>(&s.empty[stage], phase ^ 1);
           if (u_tile) {  // A's tile and Aadp's kR rows (into the first rows of the B buffer)
             mbar_expect_tx(&s.full[stage], kTileBytesA + kR * BK * 2);
             tma_load_2d(s.A[stage], &map_a, &s.full[stage], kb * BK, a_row);
             tma_load_2d(s.B[stage], &map_u, &s.full[stage], kb * BK, 0);
           } else {
+            // the extra k-block: U's rows m0.. (published by another CTA's, or this CTA's,
+            // consumers) and Bup's rows n0.., both from column 0. Its expected bytes are the
+            // full boxes: TMA writes (and counts) the whole box, the zero-filled out-of-bounds
+            // columns 32..63 included.
+            const bool lora_kb = kLora && kb == kblocks;
+            if (lora_kb) wait_u_rows(lora.flags + m0 / BM, kConsumers);
+            const int c0 = lora_kb ? 0 : kb * BK;
             mbar_expect_tx(&s.full[stage], kTileBytesA + kTileBytesB);  // all of B, both halves
-            tma_load_2d(s.A[stage], &map_a, &s.full[stage], kb * BK, a_row);
+            tma_load_2d(s.A[stage], lora_kb ? &lora.u : &map_a, &s.full[stage], c0, a_row);
             if constexpr (kCluster) {
               constexpr int kHalf = BN / 2;  // map_b's box is 128 rows here
               tma_load_2d_multicast(s.B[stage] + rank * kHalf * BK, &map_b, &s.full[stage],
-                                    kb * BK, n0 + static_cast<int>(rank) * kHalf, 0x3);
+                                    c0, n0 + static_cast<int>(rank) * kHalf, 0x3);
             } else {
-              tma_load_2d(s.B[stage], &map_b, &s.full[stage], kb * BK, n0);
+              tma_load_2d(s.B[stage], lora_kb ? &lora.bup : &map_b, &s.full[stage], c0, n0);
             }
           }
           if (++stage == STAGES) { stage = 0; phase ^= 1; }
@@ -489,17 +580,18 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
     uint32_t phase = 0;
     for (int unit = first_unit; unit < num_units; unit += unit_stride) {
       int m0, n0;
-      unit_origin<kCtas>(unit, units_m, tiles_n, rank, m0, n0);
+      unit_origin<kCtas, kLora>(unit, units_m, tiles_n, rank, m0, n0);
       const bool stored = !kCluster || m0 < M;  // see a_row above
       if constexpr (kR > 0) {
         if (n0 == N) {  // the U tile: (128 x 32) = A's row block times Aadp^T
           float du[16];
           consume_tile<kR, 16, kCluster>(du, s, wg, tid, kblocks, stage, phase, rank);
           if (stored) store_tile<kR>(du, U, kR, m0 + wg * 64, 0, tid);
+          if constexpr (kLora) publish_u_rows(lora.flags + m0 / BM, wg, tid);
           continue;
         }
       }
-      consume_tile<BN, 128, kCluster>(d, s, wg, tid, kblocks, stage, phase, rank);
+      consume_tile<BN, 128, kCluster, kLora>(d, s, wg, tid, kblocks, stage, phase, rank);
       if (stored) {
         if constexpr (kTmaStore) store_tile_tma(d, s, &map_c, wg, tid, m0 + wg * 64, n0);
         else store_tile<BN>(d, C, N, m0 + wg * 64, n0, tid);
@@ -552,52 +644,65 @@ CUtensorMap make_map(const at::Tensor& t, uint32_t box_rows) {
 }  // namespace
 
 namespace {
-void check_operand(const at::Tensor& T, const at::Tensor& A, const char* name) {
+// T: bf16 on A's device, 2-D with `cols` columns (A's K when -1), unit stride along its rows,
+// 16-byte aligned rows and start (TMA's requirements on the global address and strides).
+void check_operand(const at::Tensor& T, const at::Tensor& A, const char* name,
+                   int64_t cols = -1) {
+  if (cols < 0) cols = A.size(1);
   TORCH_CHECK(T.is_cuda() && T.device() == A.device(), "wgmma_gemm: ", name,
               " must be a CUDA tensor on A's device");
   TORCH_CHECK(T.scalar_type() == at::kBFloat16, "wgmma_gemm: ", name, " must be bf16, got ",
               T.scalar_type());
-  TORCH_CHECK(T.dim() == 2 && T.size(1) == A.size(1), "wgmma_gemm: ", name,
-              " must be 2-D with A's K = ", A.size(1), " columns");
-  TORCH_CHECK(T.stride(1) == 1 && (T.stride(0) * 2) % 16 == 0, "wgmma_gemm: ", name,
-              " needs unit stride along K and 16-byte aligned rows");
+  TORCH_CHECK(T.dim() == 2 && T.size(1) == cols, "wgmma_gemm: ", name, " must be 2-D with ",
+              cols, " columns");
+  TORCH_CHECK(T.stride(1) == 1 && (T.stride(0) * 2) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(T.data_ptr()) % 16 == 0,
+              "wgmma_gemm: ", name, " needs unit stride along K and 16-byte aligned rows");
 }
 }  // namespace
 
 namespace {
-// One launch of gemm_nt_kernel<kR, kTmaStore, kCluster>. Without clusters: min(tiles, SMs)
-// CTAs. With clusters: an even grid of 2 x min(tile pairs, the clusters that fit on the device at
-// once (cudaOccupancyMaxActiveClusters: a 2-CTA cluster needs two free SMs of one GPC, so fewer
-// than SMs / 2 may fit, and a second wave would cost a whole tile time), SMs / 2) CTAs, launched
-// with cudaLaunchKernelEx and a (2, 1, 1) cluster dimension. grid_limit (> 0) caps the CTAs
-// (rounded down to even, at least 2, with clusters).
-template <int kR, bool kTmaStore, bool kCluster>
+// One launch of gemm_nt_kernel<kR, kTmaStore, kCluster, kLora>, through cudaLaunchKernelEx.
+// Without clusters: min(tiles, SMs) CTAs. With clusters: an even grid of 2 x min(tile pairs, the
+// clusters that fit on the device at once (cudaOccupancyMaxActiveClusters: a 2-CTA cluster needs
+// two free SMs of one GPC, so fewer than SMs / 2 may fit, and a second wave would cost a whole
+// tile time), SMs / 2) CTAs, with a (2, 1, 1) cluster dimension. grid_limit (> 0) caps the CTAs
+// (rounded down to even, at least 2, with clusters). kLora: a cooperative launch
+// (cudaLaunchAttributeCooperative), which either makes all CTAs co-resident or fails with an
+// error (cudaErrorCooperativeLaunchTooLarge), never runs them in waves; with one CTA per SM
+// (the ~226 KiB of shared memory) grid <= SMs always fits an otherwise idle device, and beside
+// other streams' kernels the launch waits for the SMs rather than starting a part of the grid.
+template <int kR, bool kTmaStore, bool kCluster, bool kLora = false>
 void launch(const CUtensorMap& ma, const CUtensorMap& mb, const CUtensorMap& mu,
-            const CUtensorMap& mc, __nv_bfloat16* c, __nv_bfloat16* u, int M, int N, int K,
-            int64_t grid_limit, cudaStream_t stream) {
-  auto* kernel = gemm_nt_kernel<kR, kTmaStore, kCluster>;
+            const CUtensorMap& mc, const LoraArgs& lora, __nv_bfloat16* c, __nv_bfloat16* u,
+            int M, int N, int K, int64_t grid_limit, cudaStream_t stream) {
+  auto* kernel = gemm_nt_kernel<kR, kTmaStore, kCluster, kLora>;
   const size_t smem = sizeof(Smem<kTmaStore>) + 1024;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
   int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   if (grid_limit > 0 && grid_limit < sms) sms = static_cast<int>(grid_limit);
   const int64_t tiles_m = M / BM, tiles_n = N / BN + (kR > 0 ? 1 : 0);
+  cudaLaunchAttribute attr[1];
+  cudaLaunchConfig_t cfg = {};
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
   if constexpr (!kCluster) {
     const int64_t tiles = tiles_m * tiles_n;
-    const int grid = static_cast<int>(tiles < sms ? tiles : sms);
-    kernel<<<grid, kThreads, smem, stream>>>(ma, mb, mu, mc, c, u, M, N, K);
+    cfg.gridDim = dim3(static_cast<unsigned>(tiles < sms ? tiles : sms), 1, 1);
+    if constexpr (kLora) {
+      attr[0].id = cudaLaunchAttributeCooperative;
+      attr[0].val.cooperative = 1;
+      cfg.numAttrs = 1;
+    }
   } else {
-    cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = 2;
     attr[0].val.clusterDim.y = 1;
     attr[0].val.clusterDim.z = 1;
-    cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(2, 1, 1);
-    cfg.blockDim = dim3(kThreads, 1, 1);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cfg.attrs = attr;
     cfg.numAttrs = 1;
     static int max_clusters[64] = {};  // per device, queried once
     const int dev = at::cuda::current_device();
@@ -611,17 +716,18 @@ void launch(const CUtensorMap& ma, const CUtensorMap& mb, const CUtensorMap& mu,
     const int64_t units = (tiles_m + 1) / 2 * tiles_n;
     int64_t clusters = std::min<int64_t>({units, max_clusters[dev], std::max(1, sms / 2)});
     cfg.gridDim = dim3(static_cast<unsigned>(2 * clusters), 1, 1);
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, ma, mb, mu, mc, c, u, M, N, K));
   }
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, ma, mb, mu, mc, lora, c, u, M, N, K));
 }
 
 }  // namespace
 
 // (C, U) = (A B^T, A Aadp^T) for A (M, K), B (N, K), Aadp (32, K) or undefined (then U is
 // undefined), all bf16 CUDA with unit stride along K. variant: see the file's head.
+// Bup (N, 32) defined (gemm_nt_lora; Aadp required, variant 1): C = A B^T + U Bup^T instead.
 std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::Tensor& B,
-                                                const at::Tensor& Aadp, int64_t grid_limit,
-                                                int64_t variant) {
+                                                const at::Tensor& Aadp, const at::Tensor& Bup,
+                                                int64_t grid_limit, int64_t variant) {
   TORCH_CHECK(variant >= 0 && variant <= 3,
               "wgmma_gemm: variant must be 0 (register epilogue), 1 (TMA-store epilogue), "
               "2 (2-CTA cluster, B multicast) or 3 (both), got ", variant);
@@ -638,6 +744,13 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
     check_operand(Aadp, A, "Aadp");
     TORCH_CHECK(Aadp.size(0) == 32, "wgmma_gemm: Aadp must have 32 rows, got ", Aadp.size(0));
   }
+  const bool lora = Bup.defined();
+  if (lora) {
+    TORCH_CHECK(with_u && variant == 1, "wgmma_gemm: Bup needs Aadp and variant 1");
+    check_operand(Bup, A, "Bup", 32);
+    TORCH_CHECK(Bup.size(0) == N, "wgmma_gemm: Bup must have B's N = ", N, " rows, got ",
+                Bup.size(0));
+  }
   const bool tma_store = variant & 1, cluster = variant & 2;
   const c10::cuda::CUDAGuard guard(A.device());
   at::Tensor C = at::empty({M, N}, A.options());
@@ -652,15 +765,33 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
   auto* u = with_u ? reinterpret_cast<__nv_bfloat16*>(U.data_ptr()) : nullptr;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
-  switch (variant * 2 + (with_u ? 1 : 0)) {
-    case 0: launch<0, false, false>(ma, mb, mu, mc, c, u, m, n, k, grid_limit, stream); break;
-    case 1: launch<32, false, false>(ma, mb, mu, mc, c, u, m, n, k, grid_limit, stream); break;
-    case 2: launch<0, true, false>(ma, mb, mu, mc, c, u, m, n, k, grid_limit, stream); break;
-    case 3: launch<32, true, false>(ma, mb, mu, mc, c, u, m, n, k, grid_limit, stream); break;
-    case 4: launch<0, false, true>(ma, mb, mu, mc, c, u, m, n, k, grid_limit, stream); break;
-    case 5: launch<32, false, true>(ma, mb, mu, mc, c, u, m, n, k, grid_limit, stream); break;
-    case 6: launch<0, true, true>(ma, mb, mu, mc, c, u, m, n, k, grid_limit, stream); break;
-    default: launch<32, true, true>(ma, mb, mu, mc, c, u, m, n, k, grid_limit, stream); break;
+  // gemm_nt_lora: U as the extra k-block's A operand, Bup as its B operand (boxes of 64 columns
+  // over 32-column tensors: TMA zero-fills columns 32..63; the encode has no box <= dims rule),
+  // and the row blocks' flags. Zeroed per call with cudaMemsetAsync on the launch's stream (a
+  // 4 * M / 128-byte memset node) rather than an epoch: a fresh at::empty block may hold any int,
+  // the current epoch included (a false "ready": C silently wrong), and a persistent flag buffer
+  // with an epoch would be shared by calls on different streams that run at the same time.
+  LoraArgs la = {};
+  at::Tensor flags;
+  if (lora) {
+    flags = at::empty({M / BM}, A.options().dtype(at::kInt));
+    C10_CUDA_CHECK(cudaMemsetAsync(flags.data_ptr(), 0, flags.nbytes(), stream));
+    la.u = make_map(U, BM);
+    la.bup = N > 0 ? make_map(Bup, BN) : ma;  // N == 0: no base tiles, never read
+    la.flags = flags.data_ptr<int>();
+  }
+  const int variant_u = static_cast<int>(variant * 2 + (with_u ? 1 : 0));
+  switch (lora ? -1 : variant_u) {
+    case -1: launch<32, true, false, true>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream);
+      break;
+    case 0: launch<0, false, false>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream); break;
+    case 1: launch<32, false, false>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream); break;
+    case 2: launch<0, true, false>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream); break;
+    case 3: launch<32, true, false>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream); break;
+    case 4: launch<0, false, true>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream); break;
+    case 5: launch<32, false, true>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream); break;
+    case 6: launch<0, true, true>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream); break;
+    default: launch<32, true, true>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {C, U};
@@ -668,23 +799,36 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
 
 at::Tensor gemm_nt(const at::Tensor& A, const at::Tensor& B, int64_t grid_limit,
                    int64_t variant) {
-  return std::get<0>(gemm_nt_impl(A, B, at::Tensor(), grid_limit, variant));
+  return std::get<0>(gemm_nt_impl(A, B, at::Tensor(), at::Tensor(), grid_limit, variant));
 }
 
 std::tuple<at::Tensor, at::Tensor> gemm_nt_u(const at::Tensor& A, const at::Tensor& B,
                                              const at::Tensor& Aadp, int64_t grid_limit,
                                              int64_t variant) {
-  return gemm_nt_impl(A, B, Aadp, grid_limit, variant);
+  return gemm_nt_impl(A, B, Aadp, at::Tensor(), grid_limit, variant);
+}
+
+// (C, U) = (bf16(A B^T + U Bup^T), U = bf16(A Aadp^T)) in one launch: the adapter layer's forward
+// y = x W^T + (x Aadp^T) Bup^T without the merged weight (see gemm_nt_kernel's kLora).
+std::tuple<at::Tensor, at::Tensor> gemm_nt_lora(const at::Tensor& A, const at::Tensor& B,
+                                                const at::Tensor& Aadp, const at::Tensor& Bup,
+                                                int64_t grid_limit) {
+  TORCH_CHECK(Aadp.defined() && Bup.defined(), "wgmma_gemm: gemm_nt_lora needs Aadp and Bup");
+  return gemm_nt_impl(A, B, Aadp, Bup, grid_limit, 1);
 }
 
 // Registered through the dispatcher, as polykern's own ops are: torch.ops.polykern_exp.gemm_nt.
 // (A pybind11 binding of the first version crashed the process on the device when a check failed
 // instead of raising; the dispatcher's error path is the one polykern's tests exercise.)
 // variant: 0 register epilogue (measured), 1 TMA-store epilogue, 2 2-CTA cluster with B
-// multicast, 3 both (1-3 compiled, not yet run on a GPU).
+// multicast, 3 both (1-3 compiled, not yet run on a GPU). gemm_nt_lora: the fused adapter forward
+// (variant 1's epilogue; compiled, not yet run on a GPU).
 TORCH_LIBRARY(polykern_exp, m) {
   m.def("gemm_nt(Tensor A, Tensor B, int grid_limit=0, int variant=0) -> Tensor", &gemm_nt);
   m.def("gemm_nt_u(Tensor A, Tensor B, Tensor Aadp, int grid_limit=0, int variant=0)"
         " -> (Tensor, Tensor)",
         &gemm_nt_u);
+  m.def("gemm_nt_lora(Tensor A, Tensor B, Tensor Aadp, Tensor Bup, int grid_limit=0)"
+        " -> (Tensor C, Tensor U)",
+        &gemm_nt_lora);
 }
