@@ -74,8 +74,8 @@ Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tens
 // 2 = never (the beta = 1 accumulation of the adapter's share).
 void set_merge_policy(int64_t policy);
 int64_t get_merge_policy();
-// Whether a merged forward keeps W_m for the backward (adapter_core.cpp): 0 = auto (when the
-// backward merges too and W_m is at most half the size of x: N >= 2 m), 1 = always, 2 = never.
+// Whether a merged forward keeps W_m for the backward (adapter_core.cpp): 0 = auto (when W_m is
+// at most half the size of x and y together: 2 m n <= N (n + m)), 1 = always, 2 = never.
 void set_keep_policy(int64_t policy);
 int64_t get_keep_policy();
 // Whether a forward of `rows` rows, (rows, n) -> (rows, m), asked to keep W_m merges and keeps it.
