@@ -31,7 +31,14 @@
 // tiles come first in each group, every base tile adds one k-block of U's rows times Bup's rows
 // after K, read by TMA once its row block's U tile published it through a per-row-block flag;
 // a cooperative launch keeps all CTAs co-resident (see gemm_nt_kernel for the deadlock argument).
-// COMPILED, NOT YET RUN ON A GPU.
+// Measured on an H100 since: correct on every shape, memcheck clean.
+//
+// gemm_nn (C = A Bkn) and gemm_nn_lora (C = A Bkn + U Bup^T, U = A Aadp^T; kBMn): B given as Bkn
+// (K, N) row-major, e.g. the adapter backward's gX = gY W + gU A_gen with W (m, n) itself: the
+// base k-blocks load Bkn in 64 x 64 boxes and run wgmma with imm-trans-b = 1 on an MN-major
+// 128-byte-swizzle descriptor (see smem_desc), the U tiles and the extra k-block stay K-major.
+// bias (N,), optional in gemm_nt_lora and gemm_nn_lora: added to the fp32 accumulators in the
+// TMA-store epilogue (store_tile_tma). COMPILED, NOT YET RUN ON A GPU.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -42,6 +49,7 @@
 #include <cuda_bf16.h>
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 
 namespace {
 
@@ -243,14 +251,42 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t
                : "memory");
 }
 
-// wgmma shared-memory descriptor of a K-major tile in the 128-byte swizzle layout TMA wrote:
-// rows of 128 bytes (64 bf16 along K), 8-row atoms of 1024 bytes (the stride byte offset).
+// MN-major B (gemm_nn, gemm_nn_lora: B given as Bkn (K, N), row-major): a stage's 256 x 64 B tile
+// is four TMA boxes of 64 columns (along N, 128 bytes: the widest box the 128-byte swizzle allows)
+// by 64 rows (along K), box j (columns n0 + 64 j ..) at byte 8192 j of the stage's B buffer. In a
+// box, row k (one K index, 64 consecutive N values) lies at 128 k bytes, its 16-byte groups
+// swizzled (group g at g ^ (k % 8)); the same 32 KiB per stage as the K-major tile.
+constexpr int kBoxN = 64, kBoxBytesMn = kBoxN * BK * 2;
+static_assert(kBoxN == BK && BN % kBoxN == 0, "Bkn boxes: make_map's BK-wide boxes, 4 per tile");
+
+// wgmma shared-memory descriptor (PTX ISA, "Matrix Descriptor Format": start address, leading
+// byte offset (LBO), stride byte offset (SBO), all >> 4; 128-byte swizzle = 1 in bits 62-63;
+// base offset 0: every start below is 1024-byte aligned or, for K-major, inside a row of a
+// 1024-aligned atom, as the existing K-major use has always done).
+// K-major (kMn = false), the tile TMA wrote for a K-major operand: rows of 128 bytes (64 bf16
+// along K), 8-row atoms of 1024 bytes. SBO = 1024, "the offset from the first 8 rows to the next 8
+// rows" (K-major); LBO "not used, assumed to be 1" for swizzled K-major layouts. The k16 step
+// moves the start 32 bytes along the row.
+// MN-major (kMn = true, used with imm-trans-b = 1), the Bkn boxes above. PTX ISA 9.7.15.5.1.2.1
+// ("Majorness supported by strides"), for MN-major swizzled layouts, in units of 128-bit elements
+// (8 bf16 consecutive along N):
+//   LBO: "offset from the first (swizzle-byte-size/16) rows to the next (swizzle-byte-size/16)
+//        rows" = from the first 128 / 16 = 8 such elements (64 N values, one box row) to the next
+//        64 N values = the distance between two boxes = 8192 bytes;
+//   SBO: "offset from the first 8 columns to the next 8 columns" = from K rows k..k+7 (one
+//        1024-byte swizzle atom) to k+8..k+15 = 8 x 128 = 1024 bytes.
+// The same in CUTLASS's make_gmma_desc<Major::MN> (cute/atom/mma_traits_sm90_gmma.hpp): B128 is
+// Swizzle<3,4,3> o ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)), T = 8 bf16: 64 contiguous MN elements,
+// m such blocks LBO apart; 8 K rows 128 bytes apart, k such groups SBO apart. An m64n256k16 B
+// operand is m = 4 blocks (LBO used 3 times) by k = 2 groups (SBO once); the k16 step inside a
+// 64-deep k-block moves the start by 16 K rows = 2048 bytes (two atoms: stays 1024-aligned).
+template <bool kMn = false>
 __device__ __forceinline__ uint64_t smem_desc(const void* p) {
   const uint64_t addr = smem_u32(p);
-  uint64_t desc = (addr & 0x3FFFF) >> 4;  // start address, 16-byte units
-  desc |= uint64_t{1} << 16;              // leading byte offset (unused with this swizzle)
-  desc |= uint64_t{1024 >> 4} << 32;      // stride byte offset: one 8-row atom
-  desc |= uint64_t{1} << 62;              // 128-byte swizzle
+  uint64_t desc = (addr & 0x3FFFF) >> 4;                        // start address, 16-byte units
+  desc |= uint64_t{kMn ? kBoxBytesMn >> 4 : 1} << 16;           // LBO
+  desc |= uint64_t{1024 >> 4} << 32;                            // SBO: one 8-row atom
+  desc |= uint64_t{1} << 62;                                    // 128-byte swizzle
   return desc;
 }
 
@@ -265,7 +301,10 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
 
-// D (64 x 256, fp32, 128 registers per thread) (+)= A (64 x 16, smem) B^T (256 x 16, smem)
+// D (64 x 256, fp32, 128 registers per thread) (+)= A (64 x 16, smem) B^T (256 x 16, smem).
+// kTransB: imm-trans-b, 0: B K-major, 1: B N-major ("If the value of the argument imm-trans-b is
+// 1, then N-major is used for matrix B", PTX ISA 9.7.15.5.1.2; 16-bit types only: bf16 is).
+template <int kTransB = 0>
 __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b,
                                                  int scale_d) {
   asm volatile(
@@ -274,7 +313,7 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_
       "setp.ne.b32 p, %130, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
-      "%128, %129, p, 1, 1, 0, 0;\n"
+      "%128, %129, p, 1, 1, 0, %131;\n"
       "}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
@@ -292,7 +331,7 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_
         "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransB));
 }
 
 // D (64 x 32, fp32, 16 registers per thread) (+)= A (64 x 16, smem) B^T (32 x 16, smem)
@@ -357,19 +396,25 @@ __device__ __forceinline__ void release_stage(uint64_t* empty, uint32_t rank) {
 // One k-block of a consumer warpgroup: wait for the stage, issue kSteps k16 MMAs of its 64 rows
 // of A times the stage's first `kWidth` rows of the B buffer (accumulating unless `first`), keep
 // this k-block's MMAs in flight and hand the previous k-block's stage (`prev`) back to the
-// producer once the MMAs that read it are done.
-template <int kWidth, int kRegs, bool kCluster, int kSteps, typename S>
+// producer once the MMAs that read it are done. kBMn: the B buffer holds the MN-major boxes of a
+// Bkn tile (see kBoxN), read with imm-trans-b = 1; else a K-major tile.
+template <int kWidth, int kRegs, bool kCluster, int kSteps, bool kBMn = false, typename S>
 __device__ __forceinline__ void consume_kblock(float (&d)[kRegs], S& s, int wg, int tid,
                                                bool first, int& stage, uint32_t& phase,
                                                int& prev, uint32_t rank) {
+  static_assert(!kBMn || kWidth == 256, "MN-major B: the base tiles only");
   mbar_wait(&s.full[stage], phase);
   wgmma_fence();
   const __nv_bfloat16* a = s.A[stage] + wg * 64 * BK;  // this warpgroup's 64 rows
   const __nv_bfloat16* b = s.B[stage];
+  // the k16 step along K: A (and K-major B) 16 bf16 = 32 bytes along the 128-byte row inside the
+  // swizzle atom; MN-major B 16 rows of kBoxN bf16 = 2048 bytes
+  constexpr int kStepB = kBMn ? 16 * kBoxN : 16;
 #pragma unroll
-  for (int k = 0; k < kSteps; ++k) {  // 16 bf16 = 32 bytes along K inside the swizzle atom
+  for (int k = 0; k < kSteps; ++k) {
     if constexpr (kWidth == 256)
-      wgmma_m64n256k16(d, smem_desc(a + k * 16), smem_desc(b + k * 16), (!first || k > 0));
+      wgmma_m64n256k16<kBMn ? 1 : 0>(d, smem_desc(a + k * 16), smem_desc<kBMn>(b + k * kStepB),
+                                     (!first || k > 0));
     else
       wgmma_m64n32k16(d, smem_desc(a + k * 16), smem_desc(b + k * 16), (!first || k > 0));
   }
@@ -383,16 +428,17 @@ __device__ __forceinline__ void consume_kblock(float (&d)[kRegs], S& s, int wg, 
 // One consumer warpgroup's share of a tile: consume_kblock over all k-blocks, one k-block of
 // MMAs in flight. kExtra (gemm_nt_lora's base tiles): one more k-block after the K / 64 regular
 // ones, whose stage holds U's 128 rows (A buffer) and Bup's 256 rows (B buffer), 32 columns each
-// (columns 32..63 zero-filled by TMA): only its first two k16 MMAs are issued.
-template <int kWidth, int kRegs, bool kCluster, bool kExtra = false, typename S>
+// (columns 32..63 zero-filled by TMA): only its first two k16 MMAs are issued. kBMn (gemm_nn,
+// gemm_nn_lora): the K / 64 regular k-blocks read B MN-major; the extra k-block stays K-major.
+template <int kWidth, int kRegs, bool kCluster, bool kExtra = false, bool kBMn = false, typename S>
 __device__ __forceinline__ void consume_tile(float (&d)[kRegs], S& s, int wg, int tid,
                                              int kblocks, int& stage, uint32_t& phase,
                                              uint32_t rank) {
   static_assert(kRegs == kWidth / 2, "m64nNk16: N / 2 fp32 registers per thread");
   int prev = -1;
   for (int kb = 0; kb < kblocks; ++kb)
-    consume_kblock<kWidth, kRegs, kCluster, BK / 16>(d, s, wg, tid, kb == 0, stage, phase, prev,
-                                                     rank);
+    consume_kblock<kWidth, kRegs, kCluster, BK / 16, kBMn>(d, s, wg, tid, kb == 0, stage, phase,
+                                                           prev, rank);
   if constexpr (kExtra)
     consume_kblock<kWidth, kRegs, kCluster, 2>(d, s, wg, tid, false, stage, phase, prev, rank);
   wgmma_wait<0>();
@@ -426,16 +472,38 @@ __device__ __forceinline__ void store_tile(const float (&d)[kRegs], __nv_bfloat1
 // so every phase hits all 32 banks once. Each thread fences its writes into the async proxy, a
 // second barrier gathers the warpgroup, thread 0 issues the store and commits it; nobody waits
 // for it here (the last two chunks' stores overlap the next tile's mainloop).
+// bias (N,) bf16 or nullptr: added to the fp32 accumulators before their one rounding. A thread's
+// accumulators cover 2 adjacent columns in each of the tile's 32 8-column groups (cols 8 j +
+// 2 (lane % 4) + 0, 1, rows lane / 4 and + 8: both rows take the same pair), so it reads those
+// 64 bias values, once per tile, as one 4-byte load per group straight from global memory (L2 /
+// L1: the 512 bytes of the tile's columns, the same addresses for the 8 lanes of a warp that
+// share lane % 4 and for all 8 warps), a chunk's 8 pairs issued one chunk ahead so that their
+// latency overlaps the previous chunk's conversion and the barriers. nullptr: no load, the pairs
+// are +0, and x + 0 = x (up to the sign of a zero): C is what it was without bias.
+__device__ __forceinline__ void load_bias_pairs(uint32_t (&b)[kEpiCols / 8],
+                                                const __nv_bfloat16* bias, int col) {
+#pragma unroll
+  for (int i = 0; i < kEpiCols / 8; ++i)
+    b[i] = bias ? __ldg(reinterpret_cast<const unsigned int*>(bias + col + 8 * i)) : 0u;
+}
+// bf16x2(lo + bias pair's low half, hi + its high half)
+__device__ __forceinline__ uint32_t pack_bias(float lo, float hi, uint32_t b) {
+  return pack_bf16(lo + __uint_as_float(b << 16), hi + __uint_as_float(b & 0xFFFF0000u));
+}
 template <typename S>
 __device__ __forceinline__ void store_tile_tma(const float (&d)[128], S& s,
                                                const CUtensorMap* map_c, int wg, int tid,
-                                               int row0, int col0) {
+                                               int row0, int col0, const __nv_bfloat16* bias) {
   const int warp = tid / 32, lane = tid % 32;
   const int mat = lane / 8;                             // the matrix this lane addresses
   const int row = warp * 16 + (mat & 1) * 8 + lane % 8;  // its row within the 64-row chunk
   const uint32_t sw = row % 8;                          // == lane % 8
+  const int bias_col = col0 + 2 * (lane % 4);           // this thread's first column
+  uint32_t bias_cur[kEpiCols / 8], bias_next[kEpiCols / 8] = {};
+  load_bias_pairs(bias_cur, bias, bias_col);
 #pragma unroll
   for (int c = 0; c < BN / kEpiCols; ++c) {
+    if (c + 1 < BN / kEpiCols) load_bias_pairs(bias_next, bias, bias_col + (c + 1) * kEpiCols);
     const __nv_bfloat16* buf = s.epi.buf[wg][c % kEpiBufs];
     if (tid == 0) bulk_wait_read<kEpiBufs - 1>();
     warpgroup_bar(1 + wg);
@@ -444,10 +512,14 @@ __device__ __forceinline__ void store_tile_tma(const float (&d)[128], S& s,
     for (int q = 0; q < kEpiCols / 16; ++q) {  // 16 columns = two 8-column groups per stmatrix
       const int j = c * (kEpiCols / 8) + 2 * q;  // the first 8-column group, of the tile's 32
       const uint32_t group = 2 * q + (mat >> 1);  // this lane's 16-byte group within the row
-      stmatrix_x4(row_addr + ((group ^ sw) << 4), pack_bf16(d[4 * j + 0], d[4 * j + 1]),
-                  pack_bf16(d[4 * j + 2], d[4 * j + 3]), pack_bf16(d[4 * j + 4], d[4 * j + 5]),
-                  pack_bf16(d[4 * j + 6], d[4 * j + 7]));
+      const uint32_t b0 = bias_cur[2 * q], b1 = bias_cur[2 * q + 1];  // groups j, j + 1
+      stmatrix_x4(row_addr + ((group ^ sw) << 4), pack_bias(d[4 * j + 0], d[4 * j + 1], b0),
+                  pack_bias(d[4 * j + 2], d[4 * j + 3], b0),
+                  pack_bias(d[4 * j + 4], d[4 * j + 5], b1),
+                  pack_bias(d[4 * j + 6], d[4 * j + 7], b1));
     }
+#pragma unroll
+    for (int i = 0; i < kEpiCols / 8; ++i) bias_cur[i] = bias_next[i];
     fence_proxy_async_smem();
     warpgroup_bar(1 + wg);
     if (tid == 0) {
@@ -499,14 +571,21 @@ struct LoraArgs {
   int* flags;       // M / 128 counters, zeroed before the launch
 };
 
-template <int kR, bool kTmaStore, bool kCluster, bool kLora = false>
+//
+// kBMn (gemm_nn, gemm_nn_lora; TMA store, no clusters): map_b is Bkn (K, N) row-major in 64 x 64
+// boxes and the base tiles' K / 64 regular k-blocks load and read B MN-major (kBoxN, smem_desc,
+// imm-trans-b); the U tiles (Aadp (32, K)) and the extra k-block (Bup (N, 32)) stay K-major.
+// bias (N,) or nullptr: added in store_tile_tma (TMA-store variants only; the host checks).
+template <int kR, bool kTmaStore, bool kCluster, bool kLora = false, bool kBMn = false>
 __global__ void __launch_bounds__(kThreads, 1)
 gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                const __grid_constant__ CUtensorMap map_u, const __grid_constant__ CUtensorMap map_c,
                const __grid_constant__ LoraArgs lora, __nv_bfloat16* __restrict__ C,
-               __nv_bfloat16* __restrict__ U, int M, int N, int K) {
+               __nv_bfloat16* __restrict__ U, const __nv_bfloat16* __restrict__ bias, int M, int N,
+               int K) {
   static_assert(kR == 0 || kR == 32, "the U column is 32 wide");
   static_assert(!kLora || (kR == 32 && kTmaStore && !kCluster), "gemm_nt_lora: kR 32, variant 1");
+  static_assert(!kBMn || (kTmaStore && !kCluster), "MN-major B: variant 1 only");
   using S = Smem<kTmaStore>;
   constexpr int kCtas = kCluster ? 2 : 1;  // CTAs per cluster = tiles per work unit
   extern __shared__ uint8_t smem_raw[];
@@ -565,6 +644,11 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
               constexpr int kHalf = BN / 2;  // map_b's box is 128 rows here
               tma_load_2d_multicast(s.B[stage] + rank * kHalf * BK, &map_b, &s.full[stage],
                                     c0, n0 + static_cast<int>(rank) * kHalf, 0x3);
+            } else if (kBMn && !lora_kb) {  // Bkn rows c0.. (K), columns n0.. (N): 4 boxes
+#pragma unroll
+              for (int j = 0; j < BN / kBoxN; ++j)
+                tma_load_2d(s.B[stage] + j * kBoxN * BK, &map_b, &s.full[stage],
+                            n0 + j * kBoxN, c0);
             } else {
               tma_load_2d(s.B[stage], lora_kb ? &lora.bup : &map_b, &s.full[stage], c0, n0);
             }
@@ -591,9 +675,9 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
           continue;
         }
       }
-      consume_tile<BN, 128, kCluster, kLora>(d, s, wg, tid, kblocks, stage, phase, rank);
+      consume_tile<BN, 128, kCluster, kLora, kBMn>(d, s, wg, tid, kblocks, stage, phase, rank);
       if (stored) {
-        if constexpr (kTmaStore) store_tile_tma(d, s, &map_c, wg, tid, m0 + wg * 64, n0);
+        if constexpr (kTmaStore) store_tile_tma(d, s, &map_c, wg, tid, m0 + wg * 64, n0, bias);
         else store_tile<BN>(d, C, N, m0 + wg * 64, n0, tid);
       }
     }
@@ -657,12 +741,24 @@ void check_operand(const at::Tensor& T, const at::Tensor& A, const char* name,
               cols, " columns");
   TORCH_CHECK(T.stride(1) == 1 && (T.stride(0) * 2) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(T.data_ptr()) % 16 == 0,
-              "wgmma_gemm: ", name, " needs unit stride along K and 16-byte aligned rows");
+              "wgmma_gemm: ", name, " needs unit stride along its rows (along K; along N"
+              " for Bkn) and 16-byte aligned rows");
 }
 }  // namespace
 
 namespace {
-// One launch of gemm_nt_kernel<kR, kTmaStore, kCluster, kLora>, through cudaLaunchKernelEx.
+// A launch's arguments (gemm_nt_impl fills them once; every instantiation takes the same).
+struct LaunchArgs {
+  CUtensorMap ma, mb, mu, mc;
+  LoraArgs lora;
+  __nv_bfloat16 *c, *u;
+  const __nv_bfloat16* bias;  // nullptr: none
+  int M, N, K;
+  int64_t grid_limit;
+  cudaStream_t stream;
+};
+
+// One launch of gemm_nt_kernel<kR, kTmaStore, kCluster, kLora, kBMn>, through cudaLaunchKernelEx.
 // Without clusters: min(tiles, SMs) CTAs. With clusters: an even grid of 2 x min(tile pairs, the
 // clusters that fit on the device at once (cudaOccupancyMaxActiveClusters: a 2-CTA cluster needs
 // two free SMs of one GPC, so fewer than SMs / 2 may fit, and a second wave would cost a whole
@@ -672,11 +768,11 @@ namespace {
 // error (cudaErrorCooperativeLaunchTooLarge), never runs them in waves; with one CTA per SM
 // (the ~226 KiB of shared memory) grid <= SMs always fits an otherwise idle device, and beside
 // other streams' kernels the launch waits for the SMs rather than starting a part of the grid.
-template <int kR, bool kTmaStore, bool kCluster, bool kLora = false>
-void launch(const CUtensorMap& ma, const CUtensorMap& mb, const CUtensorMap& mu,
-            const CUtensorMap& mc, const LoraArgs& lora, __nv_bfloat16* c, __nv_bfloat16* u,
-            int M, int N, int K, int64_t grid_limit, cudaStream_t stream) {
-  auto* kernel = gemm_nt_kernel<kR, kTmaStore, kCluster, kLora>;
+template <int kR, bool kTmaStore, bool kCluster, bool kLora = false, bool kBMn = false>
+void launch(const LaunchArgs& L) {
+  auto* kernel = gemm_nt_kernel<kR, kTmaStore, kCluster, kLora, kBMn>;
+  const int M = L.M, N = L.N;
+  const int64_t grid_limit = L.grid_limit;
   const size_t smem = sizeof(Smem<kTmaStore>) + 1024;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
@@ -687,7 +783,7 @@ void launch(const CUtensorMap& ma, const CUtensorMap& mb, const CUtensorMap& mu,
   cudaLaunchConfig_t cfg = {};
   cfg.blockDim = dim3(kThreads, 1, 1);
   cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
+  cfg.stream = L.stream;
   cfg.attrs = attr;
   if constexpr (!kCluster) {
     const int64_t tiles = tiles_m * tiles_n;
@@ -717,17 +813,31 @@ void launch(const CUtensorMap& ma, const CUtensorMap& mb, const CUtensorMap& mu,
     int64_t clusters = std::min<int64_t>({units, max_clusters[dev], std::max(1, sms / 2)});
     cfg.gridDim = dim3(static_cast<unsigned>(2 * clusters), 1, 1);
   }
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, ma, mb, mu, mc, lora, c, u, M, N, K));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, L.ma, L.mb, L.mu, L.mc, L.lora, L.c, L.u,
+                                    L.bias, M, N, L.K));
 }
+
+// gemm_nt / gemm_nt_u's variants 0-3 without and with the U column: index 2 variant + with_u.
+template <int kVariantU>
+void launch_variant(const LaunchArgs& L) {
+  constexpr int v = kVariantU / 2;
+  launch<kVariantU % 2 ? 32 : 0, (v & 1) != 0, (v & 2) != 0>(L);
+}
+constexpr void (*kVariantLaunch[8])(const LaunchArgs&) = {
+    launch_variant<0>, launch_variant<1>, launch_variant<2>, launch_variant<3>,
+    launch_variant<4>, launch_variant<5>, launch_variant<6>, launch_variant<7>};
 
 }  // namespace
 
 // (C, U) = (A B^T, A Aadp^T) for A (M, K), B (N, K), Aadp (32, K) or undefined (then U is
 // undefined), all bf16 CUDA with unit stride along K. variant: see the file's head.
 // Bup (N, 32) defined (gemm_nt_lora; Aadp required, variant 1): C = A B^T + U Bup^T instead.
+// bmn (gemm_nn, gemm_nn_lora; variant 1): B is Bkn (K, N) row-major, C = A Bkn (+ U Bup^T).
+// bias (N,) defined (TMA-store variants 1, 3): C (+)= bias before the rounding.
 std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::Tensor& B,
                                                 const at::Tensor& Aadp, const at::Tensor& Bup,
-                                                int64_t grid_limit, int64_t variant) {
+                                                const at::Tensor& bias, int64_t grid_limit,
+                                                int64_t variant, bool bmn = false) {
   TORCH_CHECK(variant >= 0 && variant <= 3,
               "wgmma_gemm: variant must be 0 (register epilogue), 1 (TMA-store epilogue), "
               "2 (2-CTA cluster, B multicast) or 3 (both), got ", variant);
@@ -735,8 +845,14 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
               "wgmma_gemm: A must be a 2-D bf16 CUDA tensor, got ", A.scalar_type(), " ",
               A.dim(), "-D on ", A.device());
   check_operand(A, A, "A");
-  check_operand(B, A, "B");
-  const int64_t M = A.size(0), N = B.size(0), K = A.size(1);
+  if (bmn) {
+    TORCH_CHECK(B.dim() == 2 && B.size(0) == A.size(1), "wgmma_gemm: Bkn must be 2-D (K, N) with"
+                " A's K = ", A.size(1), " rows, got ", B.sizes());
+    check_operand(B, A, "Bkn", B.size(1));
+  } else {
+    check_operand(B, A, "B");
+  }
+  const int64_t M = A.size(0), N = B.size(bmn ? 1 : 0), K = A.size(1);
   TORCH_CHECK(M % BM == 0 && N % BN == 0 && K % BK == 0 && K > 0,
               "wgmma_gemm: M % 128, N % 256 and K % 64 must be 0, got ", M, " ", N, " ", K);
   const bool with_u = Aadp.defined();
@@ -751,84 +867,112 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
     TORCH_CHECK(Bup.size(0) == N, "wgmma_gemm: Bup must have B's N = ", N, " rows, got ",
                 Bup.size(0));
   }
+  TORCH_CHECK(!bmn || (variant == 1 && with_u == lora), "wgmma_gemm: Bkn needs variant 1, and "
+              "Aadp only with Bup");
   const bool tma_store = variant & 1, cluster = variant & 2;
+  if (bias.defined()) {
+    TORCH_CHECK(tma_store, "wgmma_gemm: bias needs the TMA-store epilogue (variant 1 or 3)");
+    TORCH_CHECK(bias.is_cuda() && bias.device() == A.device() &&
+                    bias.scalar_type() == at::kBFloat16 && bias.dim() == 1 && bias.size(0) == N,
+                "wgmma_gemm: bias must be a 1-D bf16 CUDA tensor of N = ", N,
+                " elements on A's device, got ", bias.scalar_type(), " ", bias.sizes());
+    TORCH_CHECK((bias.stride(0) == 1 || N <= 1) &&
+                    reinterpret_cast<uintptr_t>(bias.data_ptr()) % 4 == 0,
+                "wgmma_gemm: bias needs unit stride and a 4-byte aligned start");
+  }
   const c10::cuda::CUDAGuard guard(A.device());
   at::Tensor C = at::empty({M, N}, A.options());
   at::Tensor U = with_u ? at::empty({M, 32}, A.options()) : at::Tensor();
   if (M == 0 || (N == 0 && !with_u)) return {C, U};
-  // with clusters each CTA loads half of B's 256-row tile: boxes of 128 rows
-  const CUtensorMap ma = make_map(A, BM), mb = make_map(B, cluster ? BN / 2 : BN);
-  const CUtensorMap mu = with_u ? make_map(Aadp, 32) : ma;
+  LaunchArgs L = {};
+  // with clusters each CTA loads half of B's 256-row tile: boxes of 128 rows; Bkn: 64 x 64
+  // boxes (64 columns along N, make_map's inner box width BK, by 64 rows along K)
+  L.ma = make_map(A, BM);
+  L.mb = N == 0 ? L.ma : make_map(B, bmn ? BK : cluster ? BN / 2 : BN);
+  L.mu = with_u ? make_map(Aadp, 32) : L.ma;
   // the TMA store's map: C in 64 x 64 boxes, 128-byte swizzle (the staging buffers' layout)
-  const CUtensorMap mc = tma_store && N > 0 ? make_map(C, kEpiCols) : ma;
-  auto* c = reinterpret_cast<__nv_bfloat16*>(C.data_ptr());
-  auto* u = with_u ? reinterpret_cast<__nv_bfloat16*>(U.data_ptr()) : nullptr;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
+  L.mc = tma_store && N > 0 ? make_map(C, kEpiCols) : L.ma;
+  L.c = reinterpret_cast<__nv_bfloat16*>(C.data_ptr());
+  L.u = with_u ? reinterpret_cast<__nv_bfloat16*>(U.data_ptr()) : nullptr;
+  L.bias = bias.defined() ? reinterpret_cast<const __nv_bfloat16*>(bias.data_ptr()) : nullptr;
+  L.stream = at::cuda::getCurrentCUDAStream();
+  L.M = static_cast<int>(M), L.N = static_cast<int>(N), L.K = static_cast<int>(K);
+  L.grid_limit = grid_limit;
   // gemm_nt_lora: U as the extra k-block's A operand, Bup as its B operand (boxes of 64 columns
   // over 32-column tensors: TMA zero-fills columns 32..63; the encode has no box <= dims rule),
   // and the row blocks' flags. Zeroed per call with cudaMemsetAsync on the launch's stream (a
   // 4 * M / 128-byte memset node) rather than an epoch: a fresh at::empty block may hold any int,
   // the current epoch included (a false "ready": C silently wrong), and a persistent flag buffer
   // with an epoch would be shared by calls on different streams that run at the same time.
-  LoraArgs la = {};
   at::Tensor flags;
   if (lora) {
     flags = at::empty({M / BM}, A.options().dtype(at::kInt));
-    C10_CUDA_CHECK(cudaMemsetAsync(flags.data_ptr(), 0, flags.nbytes(), stream));
-    la.u = make_map(U, BM);
-    la.bup = N > 0 ? make_map(Bup, BN) : ma;  // N == 0: no base tiles, never read
-    la.flags = flags.data_ptr<int>();
+    C10_CUDA_CHECK(cudaMemsetAsync(flags.data_ptr(), 0, flags.nbytes(), L.stream));
+    L.lora.u = make_map(U, BM);
+    L.lora.bup = N > 0 ? make_map(Bup, BN) : L.ma;  // N == 0: no base tiles, never read
+    L.lora.flags = flags.data_ptr<int>();
   }
-  const int variant_u = static_cast<int>(variant * 2 + (with_u ? 1 : 0));
-  switch (lora ? -1 : variant_u) {
-    case -1: launch<32, true, false, true>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream);
-      break;
-    case 0: launch<0, false, false>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream); break;
-    case 1: launch<32, false, false>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream); break;
-    case 2: launch<0, true, false>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream); break;
-    case 3: launch<32, true, false>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream); break;
-    case 4: launch<0, false, true>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream); break;
-    case 5: launch<32, false, true>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream); break;
-    case 6: launch<0, true, true>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream); break;
-    default: launch<32, true, true>(ma, mb, mu, mc, la, c, u, m, n, k, grid_limit, stream); break;
-  }
+  if (lora && bmn)
+    launch<32, true, false, true, true>(L);
+  else if (lora)
+    launch<32, true, false, true>(L);
+  else if (bmn)
+    launch<0, true, false, false, true>(L);
+  else
+    kVariantLaunch[variant * 2 + (with_u ? 1 : 0)](L);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {C, U};
 }
 
 at::Tensor gemm_nt(const at::Tensor& A, const at::Tensor& B, int64_t grid_limit,
                    int64_t variant) {
-  return std::get<0>(gemm_nt_impl(A, B, at::Tensor(), at::Tensor(), grid_limit, variant));
+  return std::get<0>(gemm_nt_impl(A, B, {}, {}, {}, grid_limit, variant));
 }
 
 std::tuple<at::Tensor, at::Tensor> gemm_nt_u(const at::Tensor& A, const at::Tensor& B,
                                              const at::Tensor& Aadp, int64_t grid_limit,
                                              int64_t variant) {
-  return gemm_nt_impl(A, B, Aadp, at::Tensor(), grid_limit, variant);
+  return gemm_nt_impl(A, B, Aadp, {}, {}, grid_limit, variant);
 }
 
-// (C, U) = (bf16(A B^T + U Bup^T), U = bf16(A Aadp^T)) in one launch: the adapter layer's forward
-// y = x W^T + (x Aadp^T) Bup^T without the merged weight (see gemm_nt_kernel's kLora).
-std::tuple<at::Tensor, at::Tensor> gemm_nt_lora(const at::Tensor& A, const at::Tensor& B,
-                                                const at::Tensor& Aadp, const at::Tensor& Bup,
-                                                int64_t grid_limit) {
-  TORCH_CHECK(Aadp.defined() && Bup.defined(), "wgmma_gemm: gemm_nt_lora needs Aadp and Bup");
-  return gemm_nt_impl(A, B, Aadp, Bup, grid_limit, 1);
+// (C, U) = (bf16(A B^T + U Bup^T (+ bias)), U = bf16(A Aadp^T)) in one launch: the adapter
+// layer's forward y = x W^T + b + (x Aadp^T) Bup^T without the merged weight (see gemm_nt_kernel's
+// kLora). kBMn: gemm_nn_lora, B given as Bkn (K, N), C = A Bkn + U Bup^T (+ bias): the backward's
+// gX = gY W + gU A_gen with Bkn = W, Aadp = B_gen^T, Bup = A_gen^T (U = gU).
+template <bool kBMn>
+std::tuple<at::Tensor, at::Tensor> gemm_lora(const at::Tensor& A, const at::Tensor& B,
+                                             const at::Tensor& Aadp, const at::Tensor& Bup,
+                                             const std::optional<at::Tensor>& bias,
+                                             int64_t grid_limit) {
+  TORCH_CHECK(Aadp.defined() && Bup.defined(), "wgmma_gemm: gemm_n", kBMn ? "n" : "t",
+              "_lora needs Aadp and Bup");
+  return gemm_nt_impl(A, B, Aadp, Bup, bias.value_or(at::Tensor()), grid_limit, 1, kBMn);
+}
+
+// C = A Bkn for Bkn (K, N) row-major (MN-major B; variant 1's kernel otherwise).
+at::Tensor gemm_nn(const at::Tensor& A, const at::Tensor& Bkn, int64_t grid_limit) {
+  return std::get<0>(gemm_nt_impl(A, Bkn, {}, {}, {}, grid_limit, 1, true));
 }
 
 // Registered through the dispatcher, as polykern's own ops are: torch.ops.polykern_exp.gemm_nt.
 // (A pybind11 binding of the first version crashed the process on the device when a check failed
 // instead of raising; the dispatcher's error path is the one polykern's tests exercise.)
 // variant: 0 register epilogue (measured), 1 TMA-store epilogue, 2 2-CTA cluster with B
-// multicast, 3 both (1-3 compiled, not yet run on a GPU). gemm_nt_lora: the fused adapter forward
-// (variant 1's epilogue; compiled, not yet run on a GPU).
+// multicast, 3 both. gemm_nt_lora: the fused adapter forward (variant 1's epilogue; measured).
+// gemm_nn, gemm_nn_lora: B as Bkn (K, N) row-major (MN-major B; compiled, not yet run on a GPU).
+// bias (Tensor? = None) right after Bup: calls with the four operands (the only positional form
+// outside bench/wgmma_gemm_check.py, which passes grid_limit by keyword) keep working; a call that
+// gave grid_limit as the 5th positional argument must now name it.
 TORCH_LIBRARY(polykern_exp, m) {
   m.def("gemm_nt(Tensor A, Tensor B, int grid_limit=0, int variant=0) -> Tensor", &gemm_nt);
   m.def("gemm_nt_u(Tensor A, Tensor B, Tensor Aadp, int grid_limit=0, int variant=0)"
         " -> (Tensor, Tensor)",
         &gemm_nt_u);
-  m.def("gemm_nt_lora(Tensor A, Tensor B, Tensor Aadp, Tensor Bup, int grid_limit=0)"
-        " -> (Tensor C, Tensor U)",
-        &gemm_nt_lora);
+  m.def("gemm_nt_lora(Tensor A, Tensor B, Tensor Aadp, Tensor Bup, Tensor? bias=None,"
+        " int grid_limit=0) -> (Tensor C, Tensor U)",
+        &gemm_lora<false>);
+  m.def("gemm_nn_lora(Tensor A, Tensor Bkn, Tensor Aadp, Tensor Bup, Tensor? bias=None,"
+        " int grid_limit=0) -> (Tensor C, Tensor U)",
+        &gemm_lora<true>);
+  m.def("gemm_nn(Tensor A, Tensor Bkn, int grid_limit=0) -> Tensor", &gemm_nn);
 }
