@@ -287,6 +287,58 @@ class SideStream {
   bool joined_ = false;
 };
 
+// ---- the fused adapter GEMMs (version 12, lora_gemm.cu) -------------------------------------
+// On an sm_90 device, for bf16 layers with R = 32 (PERA square r = 16) and shapes that fit the
+// kernel's tiles (N % 128, n % 256, m % 256), the forward computes y = x W^T + bias + U B^T and U
+// in one kernel (no merged weight, no side stream) and the backward gX = gY W + gU A and gU the
+// same way (W read in place), then gA = gU^T x and gB = gY^T U. Why: PERA square's merged path
+// spends the merge (22.8 us at 4096 x 4096) and U beside the base GEMM (22 us of stretch) in the
+// forward; the fused kernel costs 18 us over a GEMM of its own, which runs at 1.01-1.02x of
+// cuBLAS (bench/results/h100_wgmma_gemm.txt). Prediction for PERA square's step: about -30 us
+// (csrc/README.md, version 12). Both directions take the same decision (the same shape rules), so
+// a fused forward never leaves a backward without the merged weight it would have kept.
+static std::atomic<int> g_fused_mode{-1};
+
+static int fused_mode() { return env_mode(g_fused_mode, "POLYKERN_FUSED_GEMM"); }
+
+int64_t set_fused_gemm_mode(int64_t mode) {
+  TORCH_CHECK(mode == 0 || mode == 1, "polykern: fused GEMM mode must be 0 (off) or 1 (auto), "
+              "got ", num(mode));
+  const int64_t old = fused_mode();
+  g_fused_mode.store(static_cast<int>(mode));
+  return old;
+}
+
+// Whether the fused kernels serve N rows of a layer (m, n) with R adapter rows in dtype dt on
+// `like`'s device: shapes, dtypes, device and mode only (layouts are made to fit, tma_fit), so
+// that the fake kernels can take the same decision (polykern/ops.py, _fused_gemm_on).
+static bool fused_takes(int64_t N, int64_t n, int64_t m, int64_t R, at::ScalarType dt,
+                        const std::optional<Tensor>& bias, const Tensor& like) {
+  if (fused_mode() == 0 || dt != at::kBFloat16 || R != 32) return false;
+  if (N <= 0 || N % 128 != 0 || n % 256 != 0 || m % 256 != 0) return false;
+  if (bias.has_value() && bias->scalar_type() != at::kBFloat16) return false;
+  return lora_gemm_available(like);
+}
+
+bool fused_gemm_on(int64_t device) {
+  if (fused_mode() == 0 || device < 0) return false;
+  return lora_gemm_available(at::empty({0}, at::TensorOptions().device(at::kCUDA, device)));
+}
+
+// t itself when TMA can read it (unit stride along rows, rows 16-byte multiples apart, a 16-byte
+// aligned start), else a contiguous copy (a fresh block is 512-byte aligned).
+static Tensor tma_fit(const Tensor& t) {
+  const bool ok = t.stride(-1) == 1 && (t.stride(0) * t.element_size()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+static std::optional<Tensor> fused_bias(const std::optional<Tensor>& bias) {
+  if (!bias.has_value()) return bias;
+  const bool ok = bias->stride(0) == 1 && reinterpret_cast<uintptr_t>(bias->data_ptr()) % 4 == 0;
+  return ok ? *bias : bias->clone(at::MemoryFormat::Contiguous);
+}
+
 // The forward core of training and inference: y = x2 W^T + bias + U B^T for x2 (N, n), on
 // W_m = W + B A when `merged`, else with the adapter's share added into y (beta = 1). U = xa2 A^T
 // is computed when `need_U` (training keeps it for the backward) or when the unmerged path needs
@@ -320,6 +372,10 @@ static std::tuple<Tensor, Tensor, Tensor> forward_core(const Tensor& x2, const T
 Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias,
                       const Tensor& A, const Tensor& B) {
   const Tensor x2 = x.reshape({-1, W.size(1)});
+  if (fused_takes(x2.size(0), W.size(1), W.size(0), A.size(0), x2.scalar_type(), bias, x2))
+    return std::get<0>(lora_gemm_forward(tma_fit(x2), tma_fit(W), A.contiguous(),
+                                         B.contiguous(), fused_bias(bias)))
+        .view(out_shape(x, W.size(0)));
   const bool merged = x2.size(0) > 0 && merge_pays(x2.size(0), W.size(1));
   return std::get<0>(forward_core(x2, x2, W, bias, A, B, merged, /*need_U=*/false))
       .view(out_shape(x, W.size(0)));
@@ -333,6 +389,12 @@ std::tuple<Tensor, Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor
   const int64_t n = W.size(1), m = W.size(0);
   const Tensor x2 = x.reshape({-1, n});                                   // (N, n)
   const Tensor xa2 = x_adapter.has_value() ? x_adapter->reshape({-1, n}) : x2;
+  if (!x_adapter.has_value() &&
+      fused_takes(x2.size(0), n, m, A.size(0), x2.scalar_type(), bias, x2)) {  // no merged W
+    auto [y, U] = lora_gemm_forward(tma_fit(x2), tma_fit(W), A.contiguous(), B.contiguous(),
+                                    fused_bias(bias));
+    return {y.view(out_shape(x, m)), U, at::empty({0}, x.options())};
+  }
   // with dropout the adapter's input differs from x: no merged operand exists
   const bool merged = !x_adapter.has_value() && x2.size(0) > 0 && merge_pays(x2.size(0), n);
   const bool keep = keep_merged && !x_adapter.has_value() && keeps_merged(x2.size(0), n, m);
@@ -359,6 +421,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
                 "polykern: W_merged must have the weight's shape ", shape(W.sizes()),
                 " and grad_y's dtype ", grad_y.scalar_type(), ", got ", shape(W_merged->sizes()),
                 " ", W_merged->scalar_type());
+  }
+  if (need_x && !separate &&
+      fused_takes(gy.size(0), n, m, A.size(0), gy.scalar_type(), std::nullopt, gy)) {
+    // gX = gY W + gU A and gU = gY B in one kernel (W read in place), then the factors
+    POLYKERN_SCOPE("polykern::fused_backward");
+    auto [gX, gU] = lora_gemm_backward(tma_fit(gy), tma_fit(W), B.t().contiguous(),
+                                       A.t().contiguous());
+    Tensor gA, gB;
+    if (need_factors) {
+      gA = fast_mm(gU.t(), x.reshape({-1, n}));                           // (R, n)
+      gB = fast_mm(gy.t(), U);                                            // (m, R)
+    } else {
+      gA = at::empty({0}, x.options());
+      gB = at::empty({0}, x.options());
+    }
+    return {gX.view(x.sizes()), at::empty({0}, x.options()), gA, gB};
   }
   const bool merged =
       need_x && !separate && gy.size(0) > 0 && (kept || merge_pays(gy.size(0), m));
@@ -594,6 +672,7 @@ std::vector<Tensor> run_graphed(GraphKey key, double work,
       .add(get_merge_policy())
       .add(get_keep_policy())
       .add(static_cast<int64_t>(side_mode()))
+      .add(static_cast<int64_t>(fused_mode()))
       .add(static_cast<int64_t>(ctx.deterministicAlgorithms()))
       .add(static_cast<int64_t>(ctx.float32MatmulPrecision()))
       .add(static_cast<int64_t>(ctx.allowBF16ReductionCuBLAS()))

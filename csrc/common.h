@@ -69,6 +69,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
 Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias,
                       const Tensor& A, const Tensor& B);
 
+// The fused adapter GEMMs (lora_gemm.cu, version 12; sm_90a, bf16, R = 32): whether they can run
+// on `like`'s device, and the forward (y, U) = (x W^T + bias + U B^T, x A^T) and backward
+// (gX, gU) = (gY W + gU At^T, gY Bt^T) with Bt = B^T (32, m), At = A^T (n, 32). Shapes, dtypes
+// and layouts are the caller's to check (adapter_core.cpp's fused_takes).
+bool lora_gemm_available(const Tensor& like);
+std::tuple<Tensor, Tensor> lora_gemm_forward(const Tensor& x, const Tensor& W, const Tensor& A,
+                                             const Tensor& B, const std::optional<Tensor>& bias);
+std::tuple<Tensor, Tensor> lora_gemm_backward(const Tensor& gy, const Tensor& W, const Tensor& Bt,
+                                              const Tensor& At);
+// 0: never take the fused GEMMs; 1 (default; POLYKERN_FUSED_GEMM=0 at start gives 0): take them
+// where they fit. Returns the previous mode.
+int64_t set_fused_gemm_mode(int64_t mode);
+// Whether the fused GEMMs are on and can run on CUDA device `device`.
+bool fused_gemm_on(int64_t device);
+
 // Which path the adapter core takes for y (forward) and gX (backward): 0 = auto (merge W + B A
 // into one GEMM operand when the rows exceed 1.5x the reduced dimension), 1 = always merge,
 // 2 = never (the beta = 1 accumulation of the adapter's share).

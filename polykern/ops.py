@@ -67,13 +67,22 @@ def cuda_available() -> bool:
 # Fake implementations (shapes only), so torch.compile and opcheck can trace the ops.
 # ------------------------------------------------------------------------------------------------
 if extension_loaded():
-    def _fake_forward(x, weight, R, x_adapter, keep_merged):
+    def _fused_gemm(N, n, m, R, x, bias):
+        """adapter_core.cpp's fused_takes: the fused adapter GEMMs (no merged weight) serve
+        this forward (bf16, R = 32, N % 128, n % 256, m % 256, an sm_90 device, mode on)."""
+        return (x.dtype == torch.bfloat16 and R == 32 and N > 0 and N % 128 == 0
+                and n % 256 == 0 and m % 256 == 0
+                and (bias is None or bias.dtype == torch.bfloat16) and x.device.type == "cuda"
+                and torch.ops.polykern._fused_gemm_on(x.device.index or 0))
+
+    def _fake_forward(x, weight, bias, R, x_adapter, keep_merged):
         n, m = x.shape[-1], weight.shape[0]
         N = math.prod(x.shape[:-1])
         y = x.new_empty((*x.shape[:-1], m))
         # the C++ decision itself (adapter_core.cpp); N is concrete wherever keep_merged is set
         keeps = (keep_merged and x_adapter is None
-                 and torch.ops.polykern._keeps_merged(int(N), int(n), int(m)))
+                 and torch.ops.polykern._keeps_merged(int(N), int(n), int(m))
+                 and not _fused_gemm(int(N), int(n), int(m), R, x, bias))
         W_merged = x.new_empty((m, n) if keeps else (0,))
         return (y, x.new_empty((N, R)), x.new_empty((R, n)), x.new_empty((m, R)), W_merged)
 
@@ -84,14 +93,15 @@ if extension_loaded():
         torch._check(B.shape[0] == weight.shape[0], lambda: "lora_B and weight disagree on out")
         # R from h's (static) length, not pair_i's: under torch.compile the cached pair tensors
         # are constants whose sizes would be unbacked symbols.
-        return _fake_forward(x, weight, A.shape[0] + h.shape[0], x_adapter, keep_merged)
+        return _fake_forward(x, weight, bias, A.shape[0] + h.shape[0], x_adapter,
+                             keep_merged)
 
     @torch.library.register_fake("polykern::genlora_linear")
     def _(x, weight, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling, x_adapter,
           keep_merged=False):
         torch._check(x.shape[-1] == Z_A.shape[0], lambda: "x and the A latent disagree on in")
         torch._check(weight.shape[0] == Z_B.shape[0], lambda: "weight and the B latent disagree")
-        return _fake_forward(x, weight, M_A.shape[0], x_adapter, keep_merged)
+        return _fake_forward(x, weight, bias, M_A.shape[0], x_adapter, keep_merged)
 
     def _empty_like_or_none(t, needed):
         # the real kernels return contiguous tensors (or an empty one when not asked for)

@@ -243,13 +243,18 @@ def test_kept_merged_weight(kind, dtype):
 
 
 @contextlib.contextmanager
-def side_stream(mode):
-    """The adapter core's side stream mode (0 off, 1 auto, 2 always), restored afterwards."""
-    old = torch.ops.polykern._set_side_stream(mode)
+def mode_set(setter, mode):
+    """A mode of the adapter core set through `setter` (which returns the old one), restored."""
+    old = setter(mode)
     try:
         yield
     finally:
-        torch.ops.polykern._set_side_stream(old)
+        setter(old)
+
+
+def side_stream(mode):
+    """The adapter core's side stream mode (0 off, 1 auto, 2 always)."""
+    return mode_set(torch.ops.polykern._set_side_stream, mode)
 
 
 @pytest.mark.parametrize("kind", ["pera", "genlora"])
@@ -548,6 +553,124 @@ def test_opcheck():
         with torch.no_grad():
             torch.library.opcheck(op, tuple(a.detach() if isinstance(a, torch.Tensor) else a
                                             for a in args))
+
+
+def fused_gemm_here():
+    return torch.ops.polykern._fused_gemm_on(torch.cuda.current_device())
+
+
+def fused_gemm(mode):
+    """The adapter core's fused GEMMs (csrc/lora_gemm.cu) off (0) or on where they fit (1)."""
+    return mode_set(torch.ops.polykern._set_fused_gemm, mode)
+
+
+# The fused adapter GEMMs take bf16 layers with R = 32 and N % 128, n % 256, m % 256 on an sm_90
+# device: PERA square r = 16 (R = 2 r) and GenLoRA r = 32.
+FUSED_CASES = [("pera", {"terms": "square"}, 16), ("genlora", {"num_rbf": 32, "latent_dim": 3}, 32)]
+
+
+@pytest.mark.parametrize("kind,cfg,r", FUSED_CASES)
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["3d", "strided"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_gemm_vs_reference(kind, cfg, r, adapter_dtype, layout, bias):
+    """The fused adapter GEMMs (version 12): the forward's y and U and the backward's gX and gU
+    from one kernel each, no merged weight; forward and every gradient within 2x the same-dtype
+    reference's error, on 512 rows of (n, m) = (256, 512), 3-D and strided inputs (a strided
+    input is copied to fit TMA), with and without bias, bf16 and fp32 adapter parameters."""
+    if not fused_gemm_here():
+        pytest.skip("the fused GEMMs need an sm_90 device")
+    n, m = 256, 512
+    layer = random_layer(kind, n, m, r, torch.float64, bias=bias, **cfg)
+    x = torch.randn(4, 128, n, device=DEV, dtype=torch.float64)
+    if layout == "strided":
+        x = strided(torch.randn(512, n, device=DEV, dtype=torch.float64))
+    fast = run(layer, x, torch.bfloat16, adapter_dtype, use_ops=True)
+    same = same_dtype_refs(layer, x, torch.bfloat16, adapter_dtype)
+    exact = run(layer, x.to(torch.bfloat16).double(), torch.float64, torch.float64,
+                use_ops=False)
+    names = ["y", "x"] + list(layer.adapter_parameter_names)
+    for name, f, s_, e in zip(names, fast, same, exact):
+        assert torch.isfinite(f).all(), f"{name}: non-finite values (unwritten output?)"
+        assert_within_ref_error(f, s_, e, what=f"fused {kind} {adapter_dtype} {layout} {name}")
+
+
+@pytest.mark.parametrize("kind,cfg,r", FUSED_CASES)
+def test_fused_gemm_path_and_fake(kind, cfg, r):
+    """The fused path is the one taken: at 512 rows of (256, 512) the merged path would keep
+    W + B A for the backward (merge from 1.5 n = 384 rows; 2 m n <= N (n + m)), the fused one
+    returns no merged weight, and the fake kernel says the same (opcheck's fake-tensor test);
+    with the fused GEMMs off the merged weight is back. Inference (no_grad) equals the training
+    forward's y bit for bit (the same kernel)."""
+    if not fused_gemm_here():
+        pytest.skip("the fused GEMMs need an sm_90 device")
+    n, m = 256, 512
+    layer = random_layer(kind, n, m, r, torch.float64, **cfg).to(torch.bfloat16)
+    x = torch.randn(4, 128, n, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    params = list(layer.adapter_parameters())
+    if kind == "pera":
+        pi, pj = ref.pera_pairs(r, cfg["terms"], DEV)
+        op = torch.ops.polykern.pera_linear.default
+        args = (x, layer.weight, layer.bias, *params, pi, pj, layer.scaling, None, True)
+    else:
+        op = torch.ops.polykern.genlora_linear.default
+        args = (x, layer.weight, layer.bias, *params, layer.scaling, None, True)
+    with ops.merge_policy("auto", keep="auto"):
+        y, U, A, B, Wm = op(*args)
+        assert U.shape == (512, 32) and Wm.numel() == 0
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        with torch.no_grad():
+            y_inf = layer(x.detach())
+        assert torch.equal(y_inf, y)
+        with fused_gemm(0):
+            assert op(*args)[4].shape == (m, n)
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fused_gemm_steps_repeat_and_capture():
+    """Training steps on the fused path repeat bit for bit through the op graphs' capture and
+    replays (a cooperative launch and the flags' memset inside a graph), and a whole step
+    captured with torch.cuda.graph replays to the same values."""
+    if not fused_gemm_here():
+        pytest.skip("the fused GEMMs need an sm_90 device")
+    n, m = 256, 512
+    layer = random_layer("pera", n, m, 16, torch.float64, terms="square").to(torch.bfloat16)
+    params = list(layer.adapter_parameters())
+    x = torch.randn(4, 128, n, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(4, 128, m, device=DEV, dtype=torch.bfloat16)
+
+    def step():
+        x.grad = None
+        for p in params:
+            p.grad = None
+        y = layer(x)
+        y.backward(gy)
+        return [y.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in params]
+
+    replays = ops.op_graph_stats()["replays"]
+    results = [step() for _ in range(4)]
+    assert ops.op_graph_stats()["replays"] > replays
+    for later in results[1:]:
+        for a, b in zip(results[0], later):
+            assert torch.equal(a, b)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    for p in params:
+        p.grad = None
+    with torch.cuda.graph(graph):
+        y = layer(x)
+        y.backward(gy)
+    graph.replay()
+    torch.cuda.synchronize()
+    captured = [y, x.grad] + [p.grad for p in params]
+    for a, b in zip(results[0], captured):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32),
