@@ -294,8 +294,9 @@ class SideStream {
 // same way (W read in place), then gA = gU^T x and gB = gY^T U. Why: PERA square's merged path
 // spends the merge (22.8 us at 4096 x 4096) and U beside the base GEMM (22 us of stretch) in the
 // forward; the fused kernel costs 18 us over a GEMM of its own, which runs at 1.01-1.02x of
-// cuBLAS (bench/results/h100_wgmma_gemm.txt). Prediction for PERA square's step: about -30 us
-// (csrc/README.md, version 12). Both directions take the same decision (the same shape rules), so
+// cuBLAS (bench/results/h100_wgmma_gemm.txt). Predicted for PERA square's step: about -30 us;
+// measured -12.5 us and -32 MiB of peak memory (csrc/README.md, version 12: the factor gradients
+// run in series after the backward kernel). Both directions take the same decision, so
 // a fused forward never leaves a backward without the merged weight it would have kept.
 static std::atomic<int> g_fused_mode{-1};
 
