@@ -293,7 +293,7 @@ class SideStream {
 // in one kernel (no merged weight, no side stream) and the backward gX = gY W + gU A and gU the
 // same way (W read in place), then gA = gU^T x and gB = gY^T U. Why: PERA square's merged path
 // spends the merge (22.8 us at 4096 x 4096) and U beside the base GEMM (22 us of stretch) in the
-// forward; the fused kernel costs 18 us over a GEMM of its own, which runs at 1.01-1.02x of
+// forward; the fused kernel costs 18 us over a GEMM of its own, which runs at 1.01-1.03x of
 // cuBLAS (bench/results/h100_wgmma_gemm.txt). Predicted for PERA square's step: about -30 us;
 // measured -12.5 us and -32 MiB of peak memory (csrc/README.md, version 12: the factor gradients
 // run in series after the backward kernel). Both directions take the same decision, so
@@ -322,7 +322,7 @@ static bool fused_takes(int64_t N, int64_t n, int64_t m, int64_t R, at::ScalarTy
 }
 
 bool fused_gemm_on(int64_t device) {
-  if (fused_mode() == 0 || device < 0) return false;
+  if (fused_mode() == 0 || device < 0 || device >= c10::cuda::device_count()) return false;
   return lora_gemm_available(at::empty({0}, at::TensorOptions().device(at::kCUDA, device)));
 }
 

@@ -106,7 +106,27 @@ def test_keep_decision(merge, keep, N, n, m, expected):
                                   "pera_linear_inference", "pera_expand", "genlora_linear",
                                   "genlora_linear_backward", "genlora_linear_eager",
                                   "genlora_linear_inference", "genlora_expand",
-                                  "_adapter_gemm", "_gy_pass", "_gy_pass_takes"])
+                                  "_adapter_gemm", "_gy_pass", "_gy_pass_takes",
+                                  "_set_fused_gemm", "_fused_gemm_on"])
 def test_op_is_registered(name):
     schema = getattr(torch.ops.polykern, name).default._schema
     assert schema.name == f"polykern::{name}"
+
+
+def test_fused_gemm_mode_and_errors():
+    """The fused adapter GEMMs' switch (csrc/adapter_core.cpp): 0 and 1 are its modes, the call
+    returns the old one, anything else is refused by name; off, they serve no device, and no
+    device that does not exist."""
+    old = torch.ops.polykern._set_fused_gemm(0)
+    try:
+        assert torch.ops.polykern._set_fused_gemm(1) == 0
+        with pytest.raises(RuntimeError, match="fused GEMM mode must be 0 .off. or 1 .auto., got 2"):
+            torch.ops.polykern._set_fused_gemm(2)
+        assert torch.ops.polykern._fused_gemm_on(torch.cuda.device_count()) is False
+        assert torch.ops.polykern._fused_gemm_on(-1) is False
+        torch.ops.polykern._set_fused_gemm(0)
+        assert all(torch.ops.polykern._fused_gemm_on(d) is False
+                   for d in range(torch.cuda.device_count()))
+    finally:
+        torch.ops.polykern._set_fused_gemm(old)
+
