@@ -289,7 +289,8 @@ class SideStream {
 
 // ---- the fused adapter GEMMs (version 12, lora_gemm.cu) -------------------------------------
 // On an sm_90 device, for bf16 layers with R = 32 (PERA square r = 16) and shapes that fit the
-// kernel's tiles (N % 128, n % 256, m % 256), the forward computes y = x W^T + bias + U B^T and U
+// kernel's tiles (N % 128, n % 256, m % 256) and are large enough (fused_gemm_fits), the
+// forward computes y = x W^T + bias + U B^T and U
 // in one kernel (no merged weight, no side stream) and the backward gX = gY W + gU A and gU the
 // same way (W read in place), then gA = gU^T x and gB = gY^T U. Why: PERA square's merged path
 // spends the merge (22.8 us at 4096 x 4096) and U beside the base GEMM (22 us of stretch) in the
@@ -303,22 +304,34 @@ static std::atomic<int> g_fused_mode{-1};
 static int fused_mode() { return env_mode(g_fused_mode, "POLYKERN_FUSED_GEMM"); }
 
 int64_t set_fused_gemm_mode(int64_t mode) {
-  TORCH_CHECK(mode == 0 || mode == 1, "polykern: fused GEMM mode must be 0 (off) or 1 (auto), "
-              "got ", num(mode));
+  TORCH_CHECK(mode >= 0 && mode <= 2, "polykern: fused GEMM mode must be 0 (off), 1 (auto) or "
+              "2 (wherever the tiles fit), got ", num(mode));
   const int64_t old = fused_mode();
   g_fused_mode.store(static_cast<int>(mode));
   return old;
 }
 
-// Whether the fused kernels serve N rows of a layer (m, n) with R adapter rows in dtype dt on
-// `like`'s device: shapes, dtypes, device and mode only (layouts are made to fit, tma_fit), so
-// that the fake kernels can take the same decision (polykern/ops.py, _fused_gemm_on).
+// Whether the fused kernels fit N rows of a layer (m, n) with R adapter rows in dtype dt (and a
+// bias of bias_dt): shapes, dtypes and mode only, no device (layouts are made to fit, tma_fit),
+// so that the fake kernels take the same decision (polykern/ops.py) and CPU tests can check it.
+// Mode 1 takes them from N n m >= 2^37 (the main benchmark case, N = 8192 at 4096 x 4096, and
+// larger), where they were measured; below that the kernel's tiles leave SMs idle (its GEMM took
+// 2.4x cuBLAS's time at 1024 x 1024 x 4096) and the merged path stays. Mode 2 (tests) takes
+// them wherever the tiles fit.
+bool fused_gemm_fits(int64_t N, int64_t n, int64_t m, int64_t R, at::ScalarType dt,
+                     std::optional<at::ScalarType> bias_dt) {
+  const int mode = fused_mode();
+  if (mode == 0 || dt != at::kBFloat16 || R != 32) return false;
+  if (N <= 0 || N % 128 != 0 || n % 256 != 0 || m % 256 != 0) return false;
+  if (bias_dt.has_value() && *bias_dt != at::kBFloat16) return false;
+  return mode == 2 || static_cast<double>(N) * n * m >= 137438953472.0;  // 2^37
+}
+
 static bool fused_takes(int64_t N, int64_t n, int64_t m, int64_t R, at::ScalarType dt,
                         const std::optional<Tensor>& bias, const Tensor& like) {
-  if (fused_mode() == 0 || dt != at::kBFloat16 || R != 32) return false;
-  if (N <= 0 || N % 128 != 0 || n % 256 != 0 || m % 256 != 0) return false;
-  if (bias.has_value() && bias->scalar_type() != at::kBFloat16) return false;
-  return lora_gemm_available(like);
+  const auto bias_dt = bias.has_value() ? std::optional<at::ScalarType>(bias->scalar_type())
+                                        : std::nullopt;
+  return fused_gemm_fits(N, n, m, R, dt, bias_dt) && lora_gemm_available(like);
 }
 
 bool fused_gemm_on(int64_t device) {

@@ -79,9 +79,12 @@ std::tuple<Tensor, Tensor> lora_gemm_forward(const Tensor& x, const Tensor& W, c
 std::tuple<Tensor, Tensor> lora_gemm_backward(const Tensor& gy, const Tensor& W, const Tensor& Bt,
                                               const Tensor& At);
 // 0: never take the fused GEMMs; 1 (default; POLYKERN_FUSED_GEMM=0 at start gives 0): take them
-// where they fit. Returns the previous mode.
+// where they fit and the layer is large enough; 2: wherever they fit (tests). Returns the old mode.
 int64_t set_fused_gemm_mode(int64_t mode);
-// Whether the fused GEMMs are on and can run on CUDA device `device`.
+// The shape, dtype and mode rule (adapter_core.cpp), and whether they can run on CUDA device
+// `device` (mode on, an sm_90 device, a binary for it).
+bool fused_gemm_fits(int64_t N, int64_t n, int64_t m, int64_t R, at::ScalarType dt,
+                     std::optional<at::ScalarType> bias_dt);
 bool fused_gemm_on(int64_t device);
 
 // Which path the adapter core takes for y (forward) and gX (backward): 0 = auto (merge W + B A

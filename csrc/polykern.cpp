@@ -78,9 +78,12 @@ TORCH_LIBRARY(polykern, m) {
   m.def("_keeps_merged(int rows, int n, int m) -> bool", &polykern::keeps_merged);
   // The side stream of the adapter core, for tests: 0 off, 1 auto, 2 always; returns the old.
   m.def("_set_side_stream(int mode) -> int", &polykern::set_side_stream_mode);
-  // The fused adapter GEMMs (lora_gemm.cu, version 12): 0 off, 1 auto (returns the old mode);
-  // whether they can serve layers on a device (mode on, an sm_90 device, a binary for it).
+  // The fused adapter GEMMs (lora_gemm.cu, version 12): 0 off, 1 auto, 2 wherever the tiles fit
+  // (returns the old mode); the shape, dtype and mode rule; whether they can serve layers on a
+  // device (mode on, an sm_90 device, a binary for it).
   m.def("_set_fused_gemm(int mode) -> int", &polykern::set_fused_gemm_mode);
+  m.def("_fused_gemm_fits(int rows, int n, int m, int R, ScalarType dtype, "
+        "ScalarType? bias_dtype) -> bool", &polykern::fused_gemm_fits);
   m.def("_fused_gemm_on(int device) -> bool", &polykern::fused_gemm_on);
   // Op graphs (adapter_core.cpp, version 11): 0 off, 1 on; the pools' budget in MiB (both
   // return the old value); destroy them all; (graphs, pool bytes, replays, captures).

@@ -69,10 +69,10 @@ def cuda_available() -> bool:
 if extension_loaded():
     def _fused_gemm(N, n, m, R, x, bias):
         """adapter_core.cpp's fused_takes: the fused adapter GEMMs (no merged weight) serve
-        this forward (bf16, R = 32, N % 128, n % 256, m % 256, an sm_90 device, mode on)."""
-        return (x.dtype == torch.bfloat16 and R == 32 and N > 0 and N % 128 == 0
-                and n % 256 == 0 and m % 256 == 0
-                and (bias is None or bias.dtype == torch.bfloat16) and x.device.type == "cuda"
+        this forward (its shape, dtype and mode rule, and an sm_90 device)."""
+        return (x.device.type == "cuda"
+                and torch.ops.polykern._fused_gemm_fits(N, n, m, R, x.dtype,
+                                                        None if bias is None else bias.dtype)
                 and torch.ops.polykern._fused_gemm_on(x.device.index or 0))
 
     def _fake_forward(x, weight, bias, R, x_adapter, keep_merged):

@@ -107,26 +107,55 @@ def test_keep_decision(merge, keep, N, n, m, expected):
                                   "genlora_linear_backward", "genlora_linear_eager",
                                   "genlora_linear_inference", "genlora_expand",
                                   "_adapter_gemm", "_gy_pass", "_gy_pass_takes",
-                                  "_set_fused_gemm", "_fused_gemm_on"])
+                                  "_set_fused_gemm", "_fused_gemm_fits", "_fused_gemm_on"])
 def test_op_is_registered(name):
     schema = getattr(torch.ops.polykern, name).default._schema
     assert schema.name == f"polykern::{name}"
 
 
 def test_fused_gemm_mode_and_errors():
-    """The fused adapter GEMMs' switch (csrc/adapter_core.cpp): 0 and 1 are its modes, the call
-    returns the old one, anything else is refused by name; off, they serve no device, and no
-    device that does not exist."""
+    """The fused adapter GEMMs' switch (csrc/adapter_core.cpp): 0, 1 and 2 are its modes, the
+    call returns the old one, anything else is refused by name; off, they serve no device, and
+    no device that does not exist."""
     old = torch.ops.polykern._set_fused_gemm(0)
     try:
         assert torch.ops.polykern._set_fused_gemm(1) == 0
-        with pytest.raises(RuntimeError, match="fused GEMM mode must be 0 .off. or 1 .auto., got 2"):
-            torch.ops.polykern._set_fused_gemm(2)
+        with pytest.raises(RuntimeError, match=r"fused GEMM mode must be 0 \(off\), 1 \(auto\) "
+                           r"or 2 \(wherever the tiles fit\), got 3"):
+            torch.ops.polykern._set_fused_gemm(3)
         assert torch.ops.polykern._fused_gemm_on(torch.cuda.device_count()) is False
         assert torch.ops.polykern._fused_gemm_on(-1) is False
         torch.ops.polykern._set_fused_gemm(0)
         assert all(torch.ops.polykern._fused_gemm_on(d) is False
                    for d in range(torch.cuda.device_count()))
+    finally:
+        torch.ops.polykern._set_fused_gemm(old)
+
+
+BF, HALF = torch.bfloat16, torch.float16
+
+
+@pytest.mark.parametrize("mode,N,n,m,R,dtype,bias_dtype,expected", [
+    (1, 8192, 4096, 4096, 32, BF, BF, True),      # the main case: N n m = 2^37
+    (1, 8192, 4096, 4096, 32, BF, None, True),
+    (1, 8192, 4096, 14336, 32, BF, BF, True),
+    (1, 4096, 4096, 4096, 32, BF, BF, False),     # below 2^37: the merged path (faster there)
+    (2, 4096, 4096, 4096, 32, BF, BF, True),      # mode 2: wherever the tiles fit
+    (2, 512, 256, 512, 32, BF, None, True),
+    (2, 8192, 4096, 4096, 16, BF, BF, False),     # R must be 32
+    (2, 8192, 4096, 4096, 32, HALF, HALF, False),  # bf16 only
+    (2, 8192, 4096, 4096, 32, BF, torch.float32, False),  # a bias in another dtype
+    (2, 8064, 4096, 4096, 32, BF, None, False),   # N % 128
+    (2, 8192, 4000, 4096, 32, BF, None, False),   # n % 256
+    (2, 8192, 4096, 4000, 32, BF, None, False),   # m % 256
+    (2, 0, 4096, 4096, 32, BF, None, False),
+    (0, 8192, 4096, 4096, 32, BF, BF, False)])
+def test_fused_gemm_rule(mode, N, n, m, R, dtype, bias_dtype, expected):
+    """The shape, dtype and mode rule of the fused adapter GEMMs (adapter_core.cpp's
+    fused_gemm_fits, which the forward, the backward and the fake kernels all use)."""
+    old = torch.ops.polykern._set_fused_gemm(mode)
+    try:
+        assert torch.ops.polykern._fused_gemm_fits(N, n, m, R, dtype, bias_dtype) is expected
     finally:
         torch.ops.polykern._set_fused_gemm(old)
 

@@ -560,12 +560,14 @@ def fused_gemm_here():
 
 
 def fused_gemm(mode):
-    """The adapter core's fused GEMMs (csrc/lora_gemm.cu) off (0) or on where they fit (1)."""
+    """The adapter core's fused GEMMs (csrc/lora_gemm.cu) off (0), on where they fit and the
+    layer is large enough (1), on wherever they fit (2: the small shapes of these tests)."""
     return mode_set(torch.ops.polykern._set_fused_gemm, mode)
 
 
 # The fused adapter GEMMs take bf16 layers with R = 32 and N % 128, n % 256, m % 256 on an sm_90
-# device: PERA square r = 16 (R = 2 r) and GenLoRA r = 32.
+# device: PERA square r = 16 (R = 2 r) and GenLoRA r = 32; by default from N n m >= 2^37 only,
+# so these tests use mode 2 (wherever the tiles fit).
 FUSED_CASES = [("pera", {"terms": "square"}, 16), ("genlora", {"num_rbf": 32, "latent_dim": 3}, 32)]
 
 
@@ -585,7 +587,8 @@ def test_fused_gemm_vs_reference(kind, cfg, r, adapter_dtype, layout, bias):
     x = torch.randn(4, 128, n, device=DEV, dtype=torch.float64)
     if layout == "strided":
         x = strided(torch.randn(512, n, device=DEV, dtype=torch.float64))
-    fast = run(layer, x, torch.bfloat16, adapter_dtype, use_ops=True)
+    with fused_gemm(2):
+        fast = run(layer, x, torch.bfloat16, adapter_dtype, use_ops=True)
     same = same_dtype_refs(layer, x, torch.bfloat16, adapter_dtype)
     exact = run(layer, x.to(torch.bfloat16).double(), torch.float64, torch.float64,
                 use_ops=False)
@@ -599,9 +602,10 @@ def test_fused_gemm_vs_reference(kind, cfg, r, adapter_dtype, layout, bias):
 def test_fused_gemm_path_and_fake(kind, cfg, r):
     """The fused path is the one taken: at 512 rows of (256, 512) the merged path would keep
     W + B A for the backward (merge from 1.5 n = 384 rows; 2 m n <= N (n + m)), the fused one
-    returns no merged weight, and the fake kernel says the same (opcheck's fake-tensor test);
-    with the fused GEMMs off the merged weight is back. Inference (no_grad) equals the training
-    forward's y bit for bit (the same kernel)."""
+    (mode 2) returns no merged weight, and the fake kernel says the same (opcheck's fake-tensor
+    test); with the fused GEMMs off, and in mode 1 (this layer is below its 2^37 threshold),
+    the merged weight is back. Inference (no_grad) equals the training forward's y bit for bit
+    (the same kernel)."""
     if not fused_gemm_here():
         pytest.skip("the fused GEMMs need an sm_90 device")
     n, m = 256, 512
@@ -616,15 +620,17 @@ def test_fused_gemm_path_and_fake(kind, cfg, r):
         op = torch.ops.polykern.genlora_linear.default
         args = (x, layer.weight, layer.bias, *params, layer.scaling, None, True)
     with ops.merge_policy("auto", keep="auto"):
-        y, U, A, B, Wm = op(*args)
-        assert U.shape == (512, 32) and Wm.numel() == 0
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
-        with torch.no_grad():
-            y_inf = layer(x.detach())
-        assert torch.equal(y_inf, y)
-        with fused_gemm(0):
-            assert op(*args)[4].shape == (m, n)
+        with fused_gemm(2):
+            y, U, A, B, Wm = op(*args)
+            assert U.shape == (512, 32) and Wm.numel() == 0
             torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+            with torch.no_grad():
+                y_inf = layer(x.detach())
+            assert torch.equal(y_inf, y)
+        for mode in (0, 1):
+            with fused_gemm(mode):
+                assert op(*args)[4].shape == (m, n)
+                torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_fused_gemm_steps_repeat_and_capture():
@@ -647,6 +653,12 @@ def test_fused_gemm_steps_repeat_and_capture():
         y.backward(gy)
         return [y.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in params]
 
+    with fused_gemm(2):
+        _steps_repeat_and_capture(step, layer, x, gy, params)
+
+
+def _steps_repeat_and_capture(step, layer, x, gy, params):
+    """The body of test_fused_gemm_steps_repeat_and_capture (in mode 2)."""
     replays = ops.op_graph_stats()["replays"]
     results = [step() for _ in range(4)]
     assert ops.op_graph_stats()["replays"] > replays
