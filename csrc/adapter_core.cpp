@@ -190,12 +190,17 @@ static int env_mode(std::atomic<int>& slot, const char* name) {
 
 static int side_mode() { return env_mode(g_side_mode, "POLYKERN_OVERLAP"); }
 
-int64_t set_side_stream_mode(int64_t mode) {
-  TORCH_CHECK(mode >= 0 && mode <= 2, "polykern: side stream mode must be 0 (off), 1 (auto) or "
-              "2 (always), got ", num(mode));
-  const int64_t old = side_mode();
-  g_side_mode.store(static_cast<int>(mode));
+// Sets a mode of 0, 1 or 2 held in `slot` (whose current value is `old`, read through its
+// env_mode getter); `what` names the switch and its modes in the error. Returns the old mode.
+static int64_t swap_mode(std::atomic<int>& slot, int old, int64_t mode, const char* what) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "polykern: ", what, ", got ", num(mode));
+  slot.store(static_cast<int>(mode));
   return old;
+}
+
+int64_t set_side_stream_mode(int64_t mode) {
+  return swap_mode(g_side_mode, side_mode(), mode,
+                   "side stream mode must be 0 (off), 1 (auto) or 2 (always)");
 }
 
 // Whether work that could run beside a base GEMM over (rows, n) x (n, m) should.
@@ -304,11 +309,8 @@ static std::atomic<int> g_fused_mode{-1};
 static int fused_mode() { return env_mode(g_fused_mode, "POLYKERN_FUSED_GEMM"); }
 
 int64_t set_fused_gemm_mode(int64_t mode) {
-  TORCH_CHECK(mode >= 0 && mode <= 2, "polykern: fused GEMM mode must be 0 (off), 1 (auto) or "
-              "2 (wherever the tiles fit), got ", num(mode));
-  const int64_t old = fused_mode();
-  g_fused_mode.store(static_cast<int>(mode));
-  return old;
+  return swap_mode(g_fused_mode, fused_mode(), mode,
+                   "fused GEMM mode must be 0 (off), 1 (auto) or 2 (wherever the tiles fit)");
 }
 
 // Whether the fused kernels fit N rows of a layer (m, n) with R adapter rows in dtype dt (and a
@@ -331,12 +333,13 @@ static bool fused_takes(int64_t N, int64_t n, int64_t m, int64_t R, at::ScalarTy
                         const std::optional<Tensor>& bias, const Tensor& like) {
   const auto bias_dt = bias.has_value() ? std::optional<at::ScalarType>(bias->scalar_type())
                                         : std::nullopt;
-  return fused_gemm_fits(N, n, m, R, dt, bias_dt) && lora_gemm_available(like);
+  return fused_gemm_fits(N, n, m, R, dt, bias_dt) && like.is_cuda() &&
+         lora_gemm_available(like.get_device());
 }
 
 bool fused_gemm_on(int64_t device) {
   if (fused_mode() == 0 || device < 0 || device >= c10::cuda::device_count()) return false;
-  return lora_gemm_available(at::empty({0}, at::TensorOptions().device(at::kCUDA, device)));
+  return lora_gemm_available(static_cast<int>(device));
 }
 
 // t itself when TMA can read it (unit stride along rows, rows 16-byte multiples apart, a 16-byte
@@ -351,6 +354,14 @@ static std::optional<Tensor> fused_bias(const std::optional<Tensor>& bias) {
   if (!bias.has_value()) return bias;
   const bool ok = bias->stride(0) == 1 && reinterpret_cast<uintptr_t>(bias->data_ptr()) % 4 == 0;
   return ok ? *bias : bias->clone(at::MemoryFormat::Contiguous);
+}
+
+// The fused forward (y, U) for x2 (N, n), in the layouts the kernel reads.
+static std::tuple<Tensor, Tensor> fused_forward(const Tensor& x2, const Tensor& W, const Tensor& A,
+                                                const Tensor& B,
+                                                const std::optional<Tensor>& bias) {
+  return lora_gemm_forward(tma_fit(x2), tma_fit(W), A.contiguous(), B.contiguous(),
+                           fused_bias(bias));
 }
 
 // The forward core of training and inference: y = x2 W^T + bias + U B^T for x2 (N, n), on
@@ -387,9 +398,7 @@ Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tens
                       const Tensor& A, const Tensor& B) {
   const Tensor x2 = x.reshape({-1, W.size(1)});
   if (fused_takes(x2.size(0), W.size(1), W.size(0), A.size(0), x2.scalar_type(), bias, x2))
-    return std::get<0>(lora_gemm_forward(tma_fit(x2), tma_fit(W), A.contiguous(),
-                                         B.contiguous(), fused_bias(bias)))
-        .view(out_shape(x, W.size(0)));
+    return std::get<0>(fused_forward(x2, W, A, B, bias)).view(out_shape(x, W.size(0)));
   const bool merged = x2.size(0) > 0 && merge_pays(x2.size(0), W.size(1));
   return std::get<0>(forward_core(x2, x2, W, bias, A, B, merged, /*need_U=*/false))
       .view(out_shape(x, W.size(0)));
@@ -405,8 +414,7 @@ std::tuple<Tensor, Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor
   const Tensor xa2 = x_adapter.has_value() ? x_adapter->reshape({-1, n}) : x2;
   if (!x_adapter.has_value() &&
       fused_takes(x2.size(0), n, m, A.size(0), x2.scalar_type(), bias, x2)) {  // no merged W
-    auto [y, U] = lora_gemm_forward(tma_fit(x2), tma_fit(W), A.contiguous(), B.contiguous(),
-                                    fused_bias(bias));
+    auto [y, U] = fused_forward(x2, W, A, B, bias);
     return {y.view(out_shape(x, m)), U, at::empty({0}, x.options())};
   }
   // with dropout the adapter's input differs from x: no merged operand exists

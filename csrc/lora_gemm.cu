@@ -823,6 +823,7 @@ void launch(const LaunchArgs& L) {
                                     L.bias, M, N, L.K));
 }
 
+#ifdef POLYKERN_EXPERIMENTAL_OPS
 // gemm_nt / gemm_nt_u's variants 0-3 without and with the U column: index 2 variant + with_u.
 template <int kVariantU>
 void launch_variant(const LaunchArgs& L) {
@@ -832,6 +833,7 @@ void launch_variant(const LaunchArgs& L) {
 constexpr void (*kVariantLaunch[8])(const LaunchArgs&) = {
     launch_variant<0>, launch_variant<1>, launch_variant<2>, launch_variant<3>,
     launch_variant<4>, launch_variant<5>, launch_variant<6>, launch_variant<7>};
+#endif
 
 }  // namespace
 
@@ -933,10 +935,15 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
     launch<32, true, false, true, true>(L);
   else if (lora)
     launch<32, true, false, true>(L);
-  else if (bmn)
+#ifdef POLYKERN_EXPERIMENTAL_OPS  // the package calls the lora kernels alone: no other variant
+  else if (bmn)                   // is compiled into it
     launch<0, true, false, false, true>(L);
   else
     kVariantLaunch[variant * 2 + (with_u ? 1 : 0)](L);
+#else
+  else
+    TORCH_CHECK(false, "polykern lora_gemm: the package builds the lora kernels only");
+#endif
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {C, U};
 }
@@ -946,16 +953,14 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
 // ---- the package's entry points (adapter_core.cpp) --------------------------------------------
 namespace polykern {
 
-// Whether the lora kernels can run on `like`'s device: a 9.0 device and a binary of this file
+// Whether the lora kernels can run on CUDA device `dev`: a 9.0 device and a binary of this file
 // built for it (sm_90a; a build for other archs only has the trap). Cached per device.
-bool lora_gemm_available(const at::Tensor& like) {
-  if (!like.is_cuda()) return false;
+bool lora_gemm_available(int dev) {
   static std::atomic<int> cache[64];  // 0 unknown, 1 yes, 2 no
-  const int dev = like.get_device();
   if (dev < 0 || dev >= 64) return false;
   int v = cache[dev].load();
   if (v == 0) {
-    const c10::cuda::CUDAGuard guard(like.device());
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(dev));
     const cudaDeviceProp* p = at::cuda::getCurrentDeviceProperties();
     cudaFuncAttributes attr;
     const cudaError_t e = cudaFuncGetAttributes(&attr, gemm_nt_kernel<32, true, false, true, true>);
