@@ -160,8 +160,8 @@ def check_nn(ext, rows, shapes, g, small):
 
 def check_lora(ext, rows, shapes, g, small, nn=False):
     """gemm_nt_lora (nn False): (C, U) = (bf16(A B^T + U Bup^T + bias), U = bf16(A Aadp^T)), B
-    (N, K); gemm_nn_lora (nn True): the same with B given as Bkn (K, N) row-major, C = bf16(A Bkn
-    + U Bup^T + bias) (the adapter backward's gX = gY W + gU A_gen). Every shape with bias None
+    (N, K); gemm_nn_lora (nn True): the same with B given as Bkn (K, N) row-major and Bup as
+    (32, N) row-major (both MN-major), C = bf16(A Bkn + U Bup + bias) (the adapter backward's gX = gY W + gU A_gen). Every shape with bias None
     and with a bias (N,); grid limits 0, 2, 3, 5 on the small shapes (several units per CTA; with
     2 and 5 a row block's U tile and its base tiles fall on different CTAs, so producers wait on
     other CTAs' flags; at 3 on (384, 768, 640) each row block's tiles share one CTA, the own-U-tile
@@ -194,6 +194,7 @@ def check_lora(ext, rows, shapes, g, small, nn=False):
         Ad = (torch.randn(32, K, device=dev, generator=g) / K ** 0.5).bfloat16()
         Bu = (torch.randn(N, 32, device=dev, generator=g) * (K / 32) ** 0.5).bfloat16()
         bias = (torch.randn(N, device=dev, generator=g) * K ** 0.5).bfloat16()
+        Bop = Bu.t().contiguous() if nn else Bu  # gemm_nn_lora takes Bup as (32, N), MN-major
         refU = A.double() @ Ad.double().t()
         eU_mm = rel_err(A @ Ad.t(), refU)
         base = A.double() @ Bt.double()
@@ -201,7 +202,7 @@ def check_lora(ext, rows, shapes, g, small, nn=False):
         for b in (None, bias):
             for limit in [0] if large else [0, 2, 3, 5]:
                 poisoned = poison(M * N, M * 32)
-                C, U = op(A, B, Ad, Bu, b, grid_limit=limit)
+                C, U = op(A, B, Ad, Bop, b, grid_limit=limit)
                 torch.cuda.synchronize()
                 written = bool(torch.isfinite(C).all() and torch.isfinite(U).all())
                 eU = rel_err(U, refU)
@@ -233,11 +234,11 @@ def check_lora(ext, rows, shapes, g, small, nn=False):
         else:
             gemm_alone = lambda: ext.gemm_nt(A, B, 0, 1)  # noqa: E731
             today = lambda: (A @ torch.addmm(B, Bu, Ad).t(), A @ Ad.t())  # noqa: E731
-        t_lora = time_us(lambda: op(A, B, Ad, Bu))
+        t_lora = time_us(lambda: op(A, B, Ad, Bop))
         t_gemm = time_us(gemm_alone)
         t_today = time_us(today)
-        t_bias = time_us(lambda: op(A, B, Ad, Bu, bias))
-        t_lora = min(t_lora, time_us(lambda: op(A, B, Ad, Bu)))
+        t_bias = time_us(lambda: op(A, B, Ad, Bop, bias))
+        t_lora = min(t_lora, time_us(lambda: op(A, B, Ad, Bop)))
         row = {"op": "time " + name, "M": M, "N": N, "K": K, "us": t_lora, "us_bias": t_bias,
                "us_gemm_alone": t_gemm, "us_today": t_today, "lora_cost_us": t_lora - t_gemm,
                "bias_cost_us": t_bias - t_lora, "ratio_to_today": t_lora / t_today, "ok": True}

@@ -16,7 +16,9 @@
 //   flag (async-proxy fences, release / acquire); a cooperative launch keeps all CTAs
 //   co-resident (see gemm_nt_kernel for the deadlock argument).
 // - MN-major B (kBMn): Bkn loaded in 64 x 64 boxes, wgmma with imm-trans-b = 1 on an MN-major
-//   128-byte-swizzle descriptor (see smem_desc); the U tiles and the extra k-block stay K-major.
+//   128-byte-swizzle descriptor (see smem_desc); so is the extra k-block's Bup (32, N) there (the
+//   backward's A_gen as it is stored); the U tiles stay K-major.
+// - The U tiles' stages hold two k-blocks each (see consume_u_tile).
 // - bias (N,), optional: added to the fp32 accumulators in the TMA-store epilogue.
 // Epilogue variants (the experimental op's `variant`; template flags kTmaStore, kCluster):
 //   0: accumulators stored straight from registers (1.12x of cuBLAS on the H100);
@@ -431,7 +433,7 @@ __device__ __forceinline__ void consume_kblock(float (&d)[kRegs], S& s, int wg, 
 // MMAs in flight. kExtra (gemm_nt_lora's base tiles): one more k-block after the K / 64 regular
 // ones, whose stage holds U's 128 rows (A buffer) and Bup's 256 rows (B buffer), 32 columns each
 // (columns 32..63 zero-filled by TMA): only its first two k16 MMAs are issued. kBMn (gemm_nn,
-// gemm_nn_lora): the K / 64 regular k-blocks read B MN-major; the extra k-block stays K-major.
+// gemm_nn_lora): every k-block reads B MN-major, the extra one's Bup (32, N) included.
 template <int kWidth, int kRegs, bool kCluster, bool kExtra = false, bool kBMn = false, typename S>
 __device__ __forceinline__ void consume_tile(float (&d)[kRegs], S& s, int wg, int tid,
                                              int kblocks, int& stage, uint32_t& phase,
@@ -442,7 +444,51 @@ __device__ __forceinline__ void consume_tile(float (&d)[kRegs], S& s, int wg, in
     consume_kblock<kWidth, kRegs, kCluster, BK / 16, kBMn>(d, s, wg, tid, kb == 0, stage, phase,
                                                            prev, rank);
   if constexpr (kExtra)
-    consume_kblock<kWidth, kRegs, kCluster, 2>(d, s, wg, tid, false, stage, phase, prev, rank);
+    consume_kblock<kWidth, kRegs, kCluster, 2, kBMn>(d, s, wg, tid, false, stage, phase, prev,
+                                                     rank);
+  wgmma_wait<0>();
+  if (prev >= 0 && tid == 0) release_stage<kCluster>(&s.empty[prev], rank);
+}
+
+// The U tile's stages hold TWO k-blocks (version 13): the U tile moves A's whole row block
+// (128 x K) and Aadp (32 x K) through the ring with only a few n32 MMAs per k-block, so it is
+// bound by the bytes in flight (4 stages of 20 KiB: measured as 18 us per fused kernel for the
+// 64 U tiles, against a predicted 3-10). A stage's 48 KiB hold two k-blocks' 40 KiB: k-block
+// 2i in the A buffer with its Aadp rows at the start of the B buffer, k-block 2i + 1's Aadp rows
+// after them (byte kUpairB) and its A tile at byte kUpairA of the B buffer (1024-byte aligned,
+// as the 128-byte swizzle needs). The last stage holds one k-block when K / 64 is odd.
+constexpr int kUPairB = 32 * BK, kUPairA = BM * BK;  // element offsets into the B buffer
+static_assert(2 * kUPairB * 2 <= kUPairA * 2 && kUPairA + BM * BK <= BN * BK,
+              "two k-blocks of a U tile fit one stage's B buffer");
+
+// One consumer warpgroup's share of a U tile (kR = 32): per stage two k-blocks (one for the last
+// stage when `kblocks` is odd), 4 k16 MMAs each, one stage of MMAs in flight.
+template <bool kCluster, typename S>
+__device__ __forceinline__ void consume_u_tile(float (&d)[16], S& s, int wg, int tid,
+                                               int kblocks, int& stage, uint32_t& phase,
+                                               uint32_t rank) {
+  int prev = -1;
+  for (int kb = 0; kb < kblocks; kb += 2) {
+    mbar_wait(&s.full[stage], phase);
+    wgmma_fence();
+    const __nv_bfloat16* a0 = s.A[stage] + wg * 64 * BK;
+    const __nv_bfloat16* b0 = s.B[stage];
+#pragma unroll
+    for (int k = 0; k < BK / 16; ++k)
+      wgmma_m64n32k16(d, smem_desc(a0 + k * 16), smem_desc(b0 + k * 16), (kb > 0 || k > 0));
+    if (kb + 1 < kblocks) {
+      const __nv_bfloat16* a1 = s.B[stage] + kUPairA + wg * 64 * BK;
+      const __nv_bfloat16* b1 = s.B[stage] + kUPairB;
+#pragma unroll
+      for (int k = 0; k < BK / 16; ++k)
+        wgmma_m64n32k16(d, smem_desc(a1 + k * 16), smem_desc(b1 + k * 16), true);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+    if (prev >= 0 && tid == 0) release_stage<kCluster>(&s.empty[prev], rank);
+    prev = stage;
+    if (++stage == STAGES) { stage = 0; phase ^= 1; }
+  }
   wgmma_wait<0>();
   if (prev >= 0 && tid == 0) release_stage<kCluster>(&s.empty[prev], rank);
 }
@@ -629,12 +675,18 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
         const int a_row = kCluster ? min(m0, M - BM) : m0;
         const bool u_tile = kR > 0 && n0 == N;
         const int extra = kLora && !u_tile ? 1 : 0;  // gemm_nt_lora: the U Bup^T k-block
-        for (int kb = 0; kb < kblocks + extra; ++kb) {
+        // a U tile's stage holds two k-blocks (see consume_u_tile)
+        for (int kb = 0; kb < kblocks + extra; kb += u_tile ? 2 : 1) {
           mbar_wait<kCluster>(&s.empty[stage], phase ^ 1);
-          if (u_tile) {  // A's tile and Aadp's kR rows (into the first rows of the B buffer)
-            mbar_expect_tx(&s.full[stage], kTileBytesA + kR * BK * 2);
+          if (u_tile) {  // A's tiles and Aadp's kR rows (see kUPairA, kUPairB)
+            const bool two = kb + 1 < kblocks;
+            mbar_expect_tx(&s.full[stage], (two ? 2 : 1) * (kTileBytesA + kR * BK * 2));
             tma_load_2d(s.A[stage], &map_a, &s.full[stage], kb * BK, a_row);
             tma_load_2d(s.B[stage], &map_u, &s.full[stage], kb * BK, 0);
+            if (two) {
+              tma_load_2d(s.B[stage] + kUPairA, &map_a, &s.full[stage], (kb + 1) * BK, a_row);
+              tma_load_2d(s.B[stage] + kUPairB, &map_u, &s.full[stage], (kb + 1) * BK, 0);
+            }
           } else {
             // the extra k-block: U's rows m0.. (published by another CTA's, or this CTA's,
             // consumers) and Bup's rows n0.., both from column 0. Its expected bytes are the
@@ -649,11 +701,13 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
               constexpr int kHalf = BN / 2;  // map_b's box is 128 rows here
               tma_load_2d_multicast(s.B[stage] + rank * kHalf * BK, &map_b, &s.full[stage],
                                     c0, n0 + static_cast<int>(rank) * kHalf, 0x3);
-            } else if (kBMn && !lora_kb) {  // Bkn rows c0.. (K), columns n0.. (N): 4 boxes
+            } else if (kBMn) {  // Bkn rows c0.. (K), columns n0.. (N): 4 boxes; the extra
+              // k-block's Bup is (32, N) row-major too, MN-major like Bkn (rows 32..63 of its
+              // 64-row boxes zero-filled)
+              const CUtensorMap* mkn = lora_kb ? &lora.bup : &map_b;
 #pragma unroll
               for (int j = 0; j < BN / kBoxN; ++j)
-                tma_load_2d(s.B[stage] + j * kBoxN * BK, &map_b, &s.full[stage],
-                            n0 + j * kBoxN, c0);
+                tma_load_2d(s.B[stage] + j * kBoxN * BK, mkn, &s.full[stage], n0 + j * kBoxN, c0);
             } else {
               tma_load_2d(s.B[stage], lora_kb ? &lora.bup : &map_b, &s.full[stage], c0, n0);
             }
@@ -674,7 +728,7 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
       if constexpr (kR > 0) {
         if (n0 == N) {  // the U tile: (128 x 32) = A's row block times Aadp^T
           float du[16];
-          consume_tile<kR, 16, kCluster>(du, s, wg, tid, kblocks, stage, phase, rank);
+          consume_u_tile<kCluster>(du, s, wg, tid, kblocks, stage, phase, rank);
           if (stored) store_tile<kR>(du, U, kR, m0 + wg * 64, 0, tid);
           if constexpr (kLora) publish_u_rows(lora.flags + m0 / BM, wg, tid);
           continue;
@@ -874,9 +928,15 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
   const bool lora = Bup.defined();
   if (lora) {
     TORCH_CHECK(with_u && variant == 1, "polykern lora_gemm: Bup needs Aadp and variant 1");
-    check_operand(Bup, A, "Bup", 32);
-    TORCH_CHECK(Bup.size(0) == N, "polykern lora_gemm: Bup must have B's N = ", N, " rows, got ",
-                Bup.size(0));
+    if (bmn) {  // MN-major like Bkn: (32, N) row-major
+      check_operand(Bup, A, "Bup", N);
+      TORCH_CHECK(Bup.size(0) == 32, "polykern lora_gemm: with Bkn, Bup must be (32, N) = (32, ",
+                  N, "), got ", Bup.sizes());
+    } else {
+      check_operand(Bup, A, "Bup", 32);
+      TORCH_CHECK(Bup.size(0) == N, "polykern lora_gemm: Bup must have B's N = ", N,
+                  " rows, got ", Bup.size(0));
+    }
   }
   TORCH_CHECK(!bmn || (variant == 1 && with_u == lora), "polykern lora_gemm: Bkn needs variant 1, and "
               "Aadp only with Bup");
@@ -928,7 +988,8 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
     flags = at::empty({M / BM}, A.options().dtype(at::kInt));
     C10_CUDA_CHECK(cudaMemsetAsync(flags.data_ptr(), 0, flags.nbytes(), L.stream));
     L.lora.u = make_map(U, BM);
-    L.lora.bup = N > 0 ? make_map(Bup, BN) : L.ma;  // N == 0: no base tiles, never read
+    // N == 0: no base tiles, never read. With Bkn, Bup (32, N) in Bkn's 64 x 64 boxes.
+    L.lora.bup = N == 0 ? L.ma : make_map(Bup, bmn ? BK : BN);
     L.lora.flags = flags.data_ptr<int>();
   }
   if (lora && bmn)
@@ -979,11 +1040,11 @@ std::tuple<at::Tensor, at::Tensor> lora_gemm_forward(const at::Tensor& x, const 
   return gemm_nt_impl(x, W, A, B, bias.value_or(at::Tensor()), 0, 1, false, true);
 }
 
-// (gX, gU) = (gY W + gU At^T, gY Bt^T) for gY (N, m), W (m, n), Bt = B^T (32, m), At = A^T
-// (n, 32): the backward's gX = gY W + gU A with gU = gY B, W read in place (MN-major).
+// (gX, gU) = (gY W + gU A, gY Bt^T) for gY (N, m), W (m, n), Bt = B^T (32, m), A (32, n): the
+// backward's gX = gY W + gU A with gU = gY B, W and A read in place (MN-major).
 std::tuple<at::Tensor, at::Tensor> lora_gemm_backward(const at::Tensor& gy, const at::Tensor& W,
-                                                      const at::Tensor& Bt, const at::Tensor& At) {
-  return gemm_nt_impl(gy, W, Bt, At, at::Tensor(), 0, 1, true, true);
+                                                      const at::Tensor& Bt, const at::Tensor& A) {
+  return gemm_nt_impl(gy, W, Bt, A, at::Tensor(), 0, 1, true, true);
 }
 
 }  // namespace polykern
@@ -1001,8 +1062,9 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_u(const at::Tensor& A, const at::Tens
 
 // (C, U) = (bf16(A B^T + U Bup^T (+ bias)), U = bf16(A Aadp^T)) in one launch: the adapter
 // layer's forward y = x W^T + b + (x Aadp^T) Bup^T without the merged weight (see gemm_nt_kernel's
-// kLora). kBMn: gemm_nn_lora, B given as Bkn (K, N), C = A Bkn + U Bup^T (+ bias): the backward's
-// gX = gY W + gU A_gen with Bkn = W, Aadp = B_gen^T, Bup = A_gen^T (U = gU).
+// kLora). kBMn: gemm_nn_lora, B given as Bkn (K, N), C = A Bkn + U Bup (+ bias): the backward's
+// gX = gY W + gU A_gen with Bkn = W, Aadp = B_gen^T, Bup = A_gen (32, N) (U = gU; Bup is
+// MN-major like Bkn there).
 template <bool kBMn>
 std::tuple<at::Tensor, at::Tensor> gemm_lora(const at::Tensor& A, const at::Tensor& B,
                                              const at::Tensor& Aadp, const at::Tensor& Bup,
