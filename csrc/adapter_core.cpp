@@ -452,16 +452,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
                                        A.contiguous());
     Tensor gA, gB;
     if (need_factors) {
-      // two memory-bound passes (x, gY: 64 MiB each at the measured shape) after a kernel that
-      // holds every SM: gB beside gA on the side stream, so that each one's tail overlaps the
-      // other's (version 13; POLYKERN_OVERLAP=0 runs them in series)
-      const int64_t R = A.size(0);
-      gA = at::empty({R, n}, gy.options());
-      gB = at::empty({m, R}, gy.options());
-      SideStream side(side_pays(true, gy.size(0), m, n));
-      side.run([&] { fast_mm_into(gB, gy.t(), U); });                     // (m, R)
-      fast_mm_into(gA, gU.t(), x.reshape({-1, n}));                       // (R, n)
-      side.join();
+      // in series: beside each other on the side stream they took as long (version 13's trial)
+      gA = fast_mm(gU.t(), x.reshape({-1, n}));                           // (R, n)
+      gB = fast_mm(gy.t(), U);                                            // (m, R)
     } else {
       gA = at::empty({0}, x.options());
       gB = at::empty({0}, x.options());

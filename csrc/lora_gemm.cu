@@ -372,16 +372,62 @@ __device__ __forceinline__ void tile_origin(int tile, int units_m, int tiles_n, 
 
 // This CTA's tile of work unit `unit` (a tile, or with clusters of kCtas a pair of vertically
 // adjacent tiles, of which CTA rank `rank` takes the one at m0 + 128 rank).
-// kUFirst (gemm_nt_lora): the U column (n0 == N) is each group's FIRST column instead of its last
-// (the others shift right by one), so that the U tile of a row block always has a smaller unit
-// index than every base tile of that row block (same group, column 0 < column c >= 1).
-template <int kCtas, bool kUFirst = false>
+template <int kCtas>
 __device__ __forceinline__ void unit_origin(int unit, int units_m, int tiles_n, uint32_t rank,
                                             int& m0, int& n0) {
   tile_origin<BM * kCtas, kGroupM / kCtas>(unit, units_m, tiles_n, m0, n0);
   m0 += static_cast<int>(rank) * BM;
-  if constexpr (kUFirst) n0 = n0 == 0 ? (tiles_n - 1) * BN : n0 - BN;
 }
+
+// Which tiles a CTA runs, in which order; producer and consumers walk the same list.
+// Without kLora: units blockIdx.x / kCtas, + gridDim.x / kCtas, ... of the grouped raster
+// (unit_origin; with kR = 32 the U column is each group's last column).
+// kLora (version 13): the base tiles (tiles_m x N / 256) round-robin over the G CTAs in the
+// grouped raster order, base tile b on CTA b % G, so that the first Bt % G CTAs get one base tile
+// more than the others (the "light" CTAs, all G when Bt % G == 0); the tiles_m U tiles go to the
+// light CTAs, U tile (row block) j on light CTA j % L, and every CTA runs its U tiles FIRST. At
+// the main shape (1024 base tiles, 64 U tiles, 132 CTAs) CTAs 0-99 run 8 base tiles and CTAs
+// 100-131 2 U tiles and 7 base tiles, where version 12 (U tiles first in each group, all units
+// round-robin) gave CTAs 0-31 8 base tiles and a U tile: the U column no longer lengthens the
+// critical path.
+template <bool kLora, int kCtas>
+struct Schedule {
+  int count;  // tiles (units) of this CTA
+  int first, stride, units_m, tiles_n;  // without kLora
+  int nu, ju, light, cta, grid, tiles_m, base_n, N;  // kLora
+  __device__ __forceinline__ Schedule(int M, int N_, int kR) {
+    const int tiles_m_ = M / BM;
+    if constexpr (kLora) {
+      tiles_m = tiles_m_, base_n = N_ / BN, N = N_;
+      cta = blockIdx.x, grid = gridDim.x;
+      const int base = tiles_m * base_n, rem = base % grid;
+      light = grid - rem;
+      ju = cta - rem;  // this CTA's first U tile, if it is a light one
+      nu = ju >= 0 && ju < tiles_m ? (tiles_m - 1 - ju) / light + 1 : 0;
+      const int nb = cta < base ? (base - 1 - cta) / grid + 1 : 0;
+      count = nu + nb;
+    } else {
+      units_m = (tiles_m_ + kCtas - 1) / kCtas;
+      tiles_n = N_ / BN + (kR > 0 ? 1 : 0);
+      first = blockIdx.x / kCtas, stride = gridDim.x / kCtas;
+      const int units = units_m * tiles_n;
+      count = first < units ? (units - 1 - first) / stride + 1 : 0;
+    }
+  }
+  // the i-th tile's origin (n0 == N: a U tile)
+  __device__ __forceinline__ void origin(int i, uint32_t rank, int& m0, int& n0) const {
+    if constexpr (kLora) {
+      if (i < nu) {
+        m0 = (ju + i * light) * BM;
+        n0 = N;
+      } else {
+        tile_origin<BM, kGroupM>(cta + (i - nu) * grid, tiles_m, base_n, m0, n0);
+      }
+    } else {
+      unit_origin<kCtas>(first + i * stride, units_m, tiles_n, rank, m0, n0);
+    }
+  }
+};
 
 // Hand a stage back to the producer(s) that refill it. Without clusters: this CTA's empty
 // barrier (kConsumers arrivals). With clusters both CTAs' producers write into this CTA's stage
@@ -596,23 +642,18 @@ __device__ __forceinline__ void store_tile_tma(const float (&d)[128], S& s,
 //
 // kLora (gemm_nt_lora; kR = 32, TMA store, no clusters): C = A B^T + U Bup^T with U = bf16(A
 // Aadp^T) computed in the same launch, in one fp32 accumulator, without merging W + Bup Aadp.
-// The U column is each group's first (unit_origin<.., true>); the U tile's consumers store U and
+// The U tiles are scheduled as Schedule says; the U tile's consumers store U and
 // publish its row block (publish_u_rows: a per-row-block counter, ready at kConsumers); every
 // base tile runs one extra k-block (U's 128 rows x Bup's 256 rows, 32 columns, see consume_tile)
 // whose TMA load the producer issues only after wait_u_rows on its row block's counter.
-// Deadlock freedom. (a) Every dependency points to a smaller unit index: a base tile (group g,
-// column c >= 1, row r) needs only the U tile (g, 0, r), unit g * per_group + r < g * per_group
-// + c * rows + r. (b) Each CTA processes its units in increasing order (first_unit, + stride),
-// producer and consumers alike, and the producer issues every load of a unit before any of the
-// next; so when it spins on a flag for unit u's extra k-block, all loads of units < u (and u's
-// regular k-blocks) are already issued, and this CTA's consumers can finish every earlier unit,
-// in particular a U tile of their own that the flag may be waiting for, without it. (c) All
-// CTAs are co-resident (cooperative launch, grid <= SMs, one CTA per SM; see launch). Then take
-// the smallest unit u that never completes: all units < u complete, so u's CTA gets to u (its
-// earlier units are all < u), the stages u needs are released by u's own consumers as in any
-// GEMM, and if u is a base tile its U tile is < u, hence complete, its flag already published:
-// u completes, a contradiction. Without (c) a CTA spinning for a U tile owned by a CTA that is
-// not yet resident (it waits for this one's SM, or for another stream's kernel) hangs.
+// Deadlock freedom. (a) Each CTA runs its U tiles before any of its base tiles (Schedule),
+// producer and consumers alike, and U tiles never wait on a flag: their loads need only stages
+// that this CTA's own consumers release, as in any GEMM. (b) All CTAs are co-resident
+// (cooperative launch, grid <= SMs, one CTA per SM; see launch). So every CTA gets through its U
+// tiles and publishes their flags; every flag a base tile's producer spins on is then published
+// eventually, and the base tiles complete as in a plain GEMM. Without (b) a CTA spinning for a
+// U tile owned by a CTA that is not yet resident (it waits for this one's SM, or for another
+// stream's kernel) hangs.
 struct LoraArgs {
   CUtensorMap u;    // U (M, 32) as an A operand: 128 x 64 boxes, columns 32..63 out of bounds
   CUtensorMap bup;  // Bup (N, 32) as a B operand: 256 x 64 boxes, likewise
@@ -644,12 +685,10 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
   const int wg = threadIdx.x / 128;  // 0, 1: consumers; 2: producer
   const int tid = threadIdx.x % 128;
   const uint32_t rank = kCluster ? cluster_ctarank() : 0;
-  const int tiles_m = M / BM, tiles_n = N / BN + (kR > 0 ? 1 : 0);
-  const int units_m = (tiles_m + kCtas - 1) / kCtas;
-  const int num_units = units_m * tiles_n, kblocks = K / BK;
-  // work units (tiles, or tile pairs for a cluster): cluster blockIdx.x / kCtas of gridDim.x /
-  // kCtas; both CTAs of a cluster iterate the same units (the launch makes gridDim.x even)
-  const int first_unit = blockIdx.x / kCtas, unit_stride = gridDim.x / kCtas;
+  const int kblocks = K / BK;
+  // work units (tiles, or tile pairs for a cluster; both CTAs of a cluster iterate the same units,
+  // the launch makes gridDim.x even), in Schedule's order
+  const Schedule<kLora, kCtas> sched(M, N, kR);
   if (threadIdx.x == 0) {
     for (int i = 0; i < STAGES; ++i) {
       mbar_init(&s.full[i], 1);
@@ -666,9 +705,9 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
     if (tid == 0) {
       int stage = 0;
       uint32_t phase = 0;
-      for (int unit = first_unit; unit < num_units; unit += unit_stride) {
+      for (int unit = 0; unit < sched.count; ++unit) {
         int m0, n0;
-        unit_origin<kCtas, kLora>(unit, units_m, tiles_n, rank, m0, n0);
+        sched.origin(unit, rank, m0, n0);
         // cluster, M / 128 odd: the last pair's second tile lies below M; it loads the first
         // tile's rows (its consumers compute and store nothing) so that it still runs the
         // cluster's pipeline (its half of B, its barrier arrivals)
@@ -721,9 +760,9 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
     float d[128];
     int stage = 0;
     uint32_t phase = 0;
-    for (int unit = first_unit; unit < num_units; unit += unit_stride) {
+    for (int unit = 0; unit < sched.count; ++unit) {
       int m0, n0;
-      unit_origin<kCtas, kLora>(unit, units_m, tiles_n, rank, m0, n0);
+      sched.origin(unit, rank, m0, n0);
       const bool stored = !kCluster || m0 < M;  // see a_row above
       if constexpr (kR > 0) {
         if (n0 == N) {  // the U tile: (128 x 32) = A's row block times Aadp^T

@@ -583,10 +583,26 @@ def test_fused_gemm_vs_reference(kind, cfg, r, adapter_dtype, layout, bias):
     if not fused_gemm_here():
         pytest.skip("the fused GEMMs need an sm_90 device")
     n, m = 256, 512
-    layer = random_layer(kind, n, m, r, torch.float64, bias=bias, **cfg)
     x = torch.randn(4, 128, n, device=DEV, dtype=torch.float64)
     if layout == "strided":
         x = strided(torch.randn(512, n, device=DEV, dtype=torch.float64))
+    check_fused_gemm(kind, cfg, r, adapter_dtype, x, m, bias, layout)
+
+
+def test_fused_gemm_schedule():
+    """The fused GEMMs' tile schedule (Schedule in lora_gemm.cu) where CTAs run several tiles:
+    2048 rows of (n, m) = (1024, 2048). The forward has 128 base tiles and 16 U tiles on 132
+    CTAs: 4 CTAs run 4 U tiles each, whose row blocks the other CTAs' base tiles wait for; the
+    backward 64 base tiles and 16 U tiles on 80 CTAs."""
+    if not fused_gemm_here():
+        pytest.skip("the fused GEMMs need an sm_90 device")
+    x = torch.randn(2048, 1024, device=DEV, dtype=torch.float64)
+    check_fused_gemm("pera", {"terms": "square"}, 16, torch.bfloat16, x, 2048, True, "2048 rows")
+
+
+def check_fused_gemm(kind, cfg, r, adapter_dtype, x, m, bias, layout):
+    n = x.shape[-1]
+    layer = random_layer(kind, n, m, r, torch.float64, bias=bias, **cfg)
     with fused_gemm(2):
         fast = run(layer, x, torch.bfloat16, adapter_dtype, use_ops=True)
     same = same_dtype_refs(layer, x, torch.bfloat16, adapter_dtype)
