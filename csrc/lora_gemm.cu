@@ -550,17 +550,16 @@ __device__ __forceinline__ void store_partial(const float (&d)[32], float* part,
 // part != nullptr (gemm_nn_lora with gB, version 13): also gB's partial over this row block,
 // part[c, :] = sum over the tile's 128 rows of A[row, c] Uf[row, :] for every column c of A
 // (the backward's gY; Uf = the forward's U, staged at ub): warpgroup w takes the stage's k-block
-// 2i + w, m64n64k16 (both MN-major) over all 128 rows, committed after the stage's gU MMAs and
-// stored once the next stage's gU MMAs are issued (one accumulator set: two alternating ones
-// spilled at the kernel's 168 registers).
+// 2i + w, m64n64k16 (both MN-major) over all 128 rows, stored once the stage's MMAs are done
+// (a wait for all of them: two alternating accumulator sets spilled at the kernel's 168
+// registers).
 template <bool kCluster, bool kGB, typename S>
 __device__ __forceinline__ void consume_u_tile(float (&d)[16], S& s, int wg, int tid,
                                                int kblocks, int& stage, uint32_t& phase,
                                                uint32_t rank, const __nv_bfloat16* ub,
                                                float* part) {
-  float dB[32];       // the gB partial in flight
-  int prev = -1;      // the previous stage (its gB MMAs, if any, are the last group committed)
-  int prev_kb = -1;   // the k-block of the partial in dB, or -1
+  float dB[32];  // this stage's gB partial
+  int prev = -1;
   for (int kb = 0; kb < kblocks; kb += 2) {
     mbar_wait(&s.full[stage], phase);
     wgmma_fence();
@@ -576,35 +575,29 @@ __device__ __forceinline__ void consume_u_tile(float (&d)[16], S& s, int wg, int
       for (int k = 0; k < BK / 16; ++k)
         wgmma_m64n32k16(d, smem_desc(a1 + k * 16), smem_desc(b1 + k * 16), true);
     }
-    wgmma_commit();
-    // everything but this stage's gU MMAs is done: the previous stage's gB MMAs (its partial
-    // out of dB) and all its reads of smem (the stage back to the producer)
-    wgmma_wait<1>();
-    if constexpr (kGB) {
-      if (prev_kb >= 0) store_partial(dB, part, prev_kb * BK, tid);
-    }
-    if (prev >= 0 && tid == 0) release_stage<kCluster>(&s.empty[prev], rank);
     const int my_kb = kb + wg;
-    prev_kb = -1;
+    const bool mine = kGB && part != nullptr && my_kb < kblocks;
     if constexpr (kGB) {
-      if (part != nullptr && my_kb < kblocks) {  // the 128-row tile of this warpgroup's k-block
-        wgmma_fence();
+      if (mine) {  // the whole 128-row tile of this warpgroup's k-block, 16 rows per k16 step
         const __nv_bfloat16* g = wg == 0 ? s.A[stage] : s.B[stage] + kUPairA;
 #pragma unroll
         for (int k = 0; k < BM / 16; ++k)
           wgmma_m64n64k16_tt(dB, smem_desc<true>(g + k * 16 * BK),
                              smem_desc<true>(ub + k * 16 * BK), k > 0);
-        wgmma_commit();
-        prev_kb = my_kb;
       }
     }
+    wgmma_commit();
+    if (mine) {  // this stage's partial: its MMAs done first (the U tile is bound by its loads)
+      wgmma_wait<0>();
+      store_partial(dB, part, my_kb * BK, tid);
+    } else {
+      wgmma_wait<1>();  // the previous k-block's MMAs are done: its stage can be refilled
+    }
+    if (prev >= 0 && tid == 0) release_stage<kCluster>(&s.empty[prev], rank);
     prev = stage;
     if (++stage == STAGES) { stage = 0; phase ^= 1; }
   }
   wgmma_wait<0>();
-  if constexpr (kGB) {
-    if (prev_kb >= 0) store_partial(dB, part, prev_kb * BK, tid);
-  }
   if (prev >= 0 && tid == 0) release_stage<kCluster>(&s.empty[prev], rank);
 }
 
@@ -1027,30 +1020,16 @@ constexpr void (*kVariantLaunch[8])(const LaunchArgs&) = {
 }  // namespace
 
 namespace {
-// gB (K, 32) = bf16 of the sum over the row blocks' partials (tiles, K, 32) fp32, in a fixed
-// order (deterministic): a block takes 64 float4 outputs; its 4 x 64 threads sum one quarter
-// of the tiles each (tiles c, c + 4, ...), then thread c = 0 adds the four quarters in order.
-constexpr int kReduceOut = 64, kReduceSplit = 4;
-__global__ void __launch_bounds__(kReduceOut * kReduceSplit)
-gb_reduce_kernel(const float4* __restrict__ part, __nv_bfloat16* __restrict__ gB, int tiles,
-                 int64_t n4) {
-  __shared__ float4 sums[kReduceSplit][kReduceOut];
-  const int o = threadIdx.x % kReduceOut, c = threadIdx.x / kReduceOut;
-  const int64_t i = blockIdx.x * static_cast<int64_t>(kReduceOut) + o;
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (i < n4) {
-#pragma unroll 4
-    for (int t = c; t < tiles; t += kReduceSplit) {
-      const float4 v = part[t * n4 + i];
-      acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
-    }
-  }
-  sums[c][o] = acc;
-  __syncthreads();
-  if (c != 0 || i >= n4) return;
-#pragma unroll
-  for (int q = 1; q < kReduceSplit; ++q) {
-    const float4 v = sums[q][o];
+// gB (K, 32) = bf16 of the sum over the row blocks' partials (tiles, K, 32) fp32, in row-block
+// order (deterministic): four consecutive elements per thread, the tiles' loads independent.
+__global__ void gb_reduce_kernel(const float4* __restrict__ part, __nv_bfloat16* __restrict__ gB,
+                                 int tiles, int64_t n4) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n4) return;
+  float4 acc = part[i];
+#pragma unroll 8
+  for (int t = 1; t < tiles; ++t) {
+    const float4 v = part[t * n4 + i];
     acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
   }
   __nv_bfloat162* out = reinterpret_cast<__nv_bfloat162*>(gB) + 2 * i;
@@ -1202,8 +1181,9 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (with_gb) {
     const int64_t n4 = K * 32 / 4;
-    gb_reduce_kernel<<<static_cast<unsigned>((n4 + kReduceOut - 1) / kReduceOut),
-                       kReduceOut * kReduceSplit, 0, L.stream>>>(reinterpret_cast<const float4*>(partial.data_ptr<float>()),
+    const int threads = 256;
+    gb_reduce_kernel<<<static_cast<unsigned>((n4 + threads - 1) / threads), threads, 0,
+                       L.stream>>>(reinterpret_cast<const float4*>(partial.data_ptr<float>()),
                                    reinterpret_cast<__nv_bfloat16*>(gB->data_ptr()),
                                    static_cast<int>(M / BM), n4);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
