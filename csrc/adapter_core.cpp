@@ -448,16 +448,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
       fused_takes(gy.size(0), n, m, A.size(0), gy.scalar_type(), std::nullopt, gy)) {
     // gX = gY W + gU A and gU = gY B in one kernel (W read in place), then the factors
     POLYKERN_SCOPE("polykern::fused_backward");
-    // gB_gen = gY^T U from the kernel's U tiles too (version 13), where U is the bf16 (N, 32)
-    // the kernel reads (a forward in another dtype: a GEMM of its own)
-    const bool gb_fused = need_factors && U.scalar_type() == at::kBFloat16 && U.dim() == 2 &&
-                          U.size(0) == gy.size(0) && U.size(1) == A.size(0);
-    auto [gX, gU, gB] = lora_gemm_backward(tma_fit(gy), tma_fit(W), B.t().contiguous(),
-                                           A.contiguous(), gb_fused ? tma_fit(U) : Tensor());
-    Tensor gA;
+    auto [gX, gU] = lora_gemm_backward(tma_fit(gy), tma_fit(W), B.t().contiguous(),
+                                       A.contiguous());
+    Tensor gA, gB;
     if (need_factors) {
+      // in series: beside each other on the side stream they took as long (version 13's trial)
       gA = fast_mm(gU.t(), x.reshape({-1, n}));                           // (R, n)
-      if (!gb_fused) gB = fast_mm(gy.t(), U);                             // (m, R)
+      gB = fast_mm(gy.t(), U);                                            // (m, R)
     } else {
       gA = at::empty({0}, x.options());
       gB = at::empty({0}, x.options());

@@ -76,9 +76,8 @@ Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tens
 bool lora_gemm_available(int device);
 std::tuple<Tensor, Tensor> lora_gemm_forward(const Tensor& x, const Tensor& W, const Tensor& A,
                                              const Tensor& B, const std::optional<Tensor>& bias);
-std::tuple<Tensor, Tensor, Tensor> lora_gemm_backward(const Tensor& gy, const Tensor& W,
-                                                      const Tensor& Bt, const Tensor& A,
-                                                      const Tensor& U);
+std::tuple<Tensor, Tensor> lora_gemm_backward(const Tensor& gy, const Tensor& W, const Tensor& Bt,
+                                              const Tensor& A);
 // 0: never take the fused GEMMs; 1 (default; POLYKERN_FUSED_GEMM=0 at start gives 0): take them
 // where they fit and the layer is large enough; 2: wherever they fit (tests). Returns the old mode.
 int64_t set_fused_gemm_mode(int64_t mode);

@@ -49,7 +49,6 @@
 #include <cuda_bf16.h>
 #include <algorithm>
 #include <atomic>
-#include <type_traits>
 #include <cstdint>
 #include <optional>
 #ifndef POLYKERN_EXPERIMENTAL_OPS
@@ -85,7 +84,6 @@ struct __align__(1024) Smem {
   EpilogueSmem<kTmaStore> epi;       // 1024-byte aligned: follows the ring (192 KiB)
   uint64_t full[STAGES];
   uint64_t empty[STAGES];
-  uint64_t ufree[2];  // gemm_nn_lora with gB: the forward U's two staging halves free again
 };
 static_assert(sizeof(Smem<true>) + 1024 <= 227 * 1024, "TMA-store variant exceeds 227 KiB smem");
 static_assert((STAGES * (BM + BN) * BK * 2) % 1024 == 0, "staging buffers must be 1024-aligned");
@@ -356,28 +354,6 @@ __device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], uint64_t desc_a,
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
-// D (64 x 64, fp32, 32 registers per thread) (+)= A (64 x 16) B (16 x 64), both from smem and
-// both MN-major (imm-trans-a = imm-trans-b = 1): the gB partials of the backward's U tiles, A =
-// the gY tile read transposed (M = its 64 columns, K = its rows), B = the forward's U rows (K =
-// rows, N = U's 32 columns and 32 zero-filled ones).
-__device__ __forceinline__ void wgmma_m64n64k16_tt(float (&d)[32], uint64_t desc_a,
-                                                   uint64_t desc_b, int scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
-      "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "%32, %33, p, 1, 1, 1, 1;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
-
 // Tile t -> (first row, first column): tiles go down groups of kGroupM row blocks column by
 // column, so the ~132 tiles in flight share kGroupM row blocks of A and ~17 column blocks of B
 // (about 40 MiB at K = 4096: they stay in L2 even when B is larger than L2, e.g. N = 14336).
@@ -531,34 +507,12 @@ constexpr int kUPairB = 32 * BK, kUPairA = BM * BK;  // element offsets into the
 static_assert(2 * kUPairB * 2 <= kUPairA * 2 && kUPairA + BM * BK <= BN * BK,
               "two k-blocks of a U tile fit one stage's B buffer");
 
-// A gB partial (64 x 32 of the m64n64 accumulators, the first 32 columns) into part's rows
-// row0 .. row0 + 63 (fp32, 32 per row).
-__device__ __forceinline__ void store_partial(const float (&d)[32], float* part, int row0,
-                                              int tid) {
-  const int warp = tid / 32, lane = tid % 32;
-  float* row = part + static_cast<int64_t>(row0 + warp * 16 + lane / 4) * 32;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int col = j * 8 + 2 * (lane % 4);
-    *reinterpret_cast<float2*>(row + col) = make_float2(d[4 * j + 0], d[4 * j + 1]);
-    *reinterpret_cast<float2*>(row + 8 * 32 + col) = make_float2(d[4 * j + 2], d[4 * j + 3]);
-  }
-}
-
 // One consumer warpgroup's share of a U tile (kR = 32): per stage two k-blocks (one for the last
-// stage when `kblocks` is odd), 4 k16 MMAs each on its 64 rows, one stage of MMAs in flight.
-// part != nullptr (gemm_nn_lora with gB, version 13): also gB's partial over this row block,
-// part[c, :] = sum over the tile's 128 rows of A[row, c] Uf[row, :] for every column c of A
-// (the backward's gY; Uf = the forward's U, staged at ub): warpgroup w takes the stage's k-block
-// 2i + w, m64n64k16 (both MN-major) over all 128 rows, stored once the stage's MMAs are done
-// (a wait for all of them: two alternating accumulator sets spilled at the kernel's 168
-// registers).
-template <bool kCluster, bool kGB, typename S>
+// stage when `kblocks` is odd), 4 k16 MMAs each, one stage of MMAs in flight.
+template <bool kCluster, typename S>
 __device__ __forceinline__ void consume_u_tile(float (&d)[16], S& s, int wg, int tid,
                                                int kblocks, int& stage, uint32_t& phase,
-                                               uint32_t rank, const __nv_bfloat16* ub,
-                                               float* part) {
-  float dB[32];  // this stage's gB partial
+                                               uint32_t rank) {
   int prev = -1;
   for (int kb = 0; kb < kblocks; kb += 2) {
     mbar_wait(&s.full[stage], phase);
@@ -575,24 +529,8 @@ __device__ __forceinline__ void consume_u_tile(float (&d)[16], S& s, int wg, int
       for (int k = 0; k < BK / 16; ++k)
         wgmma_m64n32k16(d, smem_desc(a1 + k * 16), smem_desc(b1 + k * 16), true);
     }
-    const int my_kb = kb + wg;
-    const bool mine = kGB && part != nullptr && my_kb < kblocks;
-    if constexpr (kGB) {
-      if (mine) {  // the whole 128-row tile of this warpgroup's k-block, 16 rows per k16 step
-        const __nv_bfloat16* g = wg == 0 ? s.A[stage] : s.B[stage] + kUPairA;
-#pragma unroll
-        for (int k = 0; k < BM / 16; ++k)
-          wgmma_m64n64k16_tt(dB, smem_desc<true>(g + k * 16 * BK),
-                             smem_desc<true>(ub + k * 16 * BK), k > 0);
-      }
-    }
     wgmma_commit();
-    if (mine) {  // this stage's partial: its MMAs done first (the U tile is bound by its loads)
-      wgmma_wait<0>();
-      store_partial(dB, part, my_kb * BK, tid);
-    } else {
-      wgmma_wait<1>();  // the previous k-block's MMAs are done: its stage can be refilled
-    }
+    wgmma_wait<1>();
     if (prev >= 0 && tid == 0) release_stage<kCluster>(&s.empty[prev], rank);
     prev = stage;
     if (++stage == STAGES) { stage = 0; phase ^= 1; }
@@ -718,11 +656,8 @@ __device__ __forceinline__ void store_tile_tma(const float (&d)[128], S& s,
 // stream's kernel) hangs.
 struct LoraArgs {
   CUtensorMap u;    // U (M, 32) as an A operand: 128 x 64 boxes, columns 32..63 out of bounds
-  CUtensorMap bup;  // Bup (N, 32) as a B operand: 256 x 64 boxes, likewise; with kBMn (32, N)
-                    // in 64 x 64 boxes, rows 32..63 out of bounds
-  CUtensorMap uf;   // gemm_nn_lora with gB: the forward's U (M, 32), 128 x 64 boxes like u
+  CUtensorMap bup;  // Bup (N, 32) as a B operand: 256 x 64 boxes, likewise
   int* flags;       // M / 128 counters, zeroed before the launch
-  float* partial;   // gemm_nn_lora with gB: (M / 128, K, 32) fp32 partials, else nullptr
 };
 
 //
@@ -759,7 +694,6 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
       mbar_init(&s.full[i], 1);
       mbar_init(&s.empty[i], kConsumers * kCtas);
     }
-    for (int i = 0; i < 2; ++i) mbar_init(&s.ufree[i], kConsumers);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   // the peer's producer and consumers use this CTA's barriers: both CTAs' inits must be visible
@@ -785,18 +719,7 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
           mbar_wait<kCluster>(&s.empty[stage], phase ^ 1);
           if (u_tile) {  // A's tiles and Aadp's kR rows (see kUPairA, kUPairB)
             const bool two = kb + 1 < kblocks;
-            // gB (gemm_nn_lora): the forward's U rows of this row block, into staging half
-            // unit % 2 (U tiles are a CTA's first units), once the consumers freed it (the U
-            // tile two before), with the tile's first stage
-            const bool uf = kLora && kBMn && lora.partial != nullptr && kb == 0;
-            mbar_expect_tx(&s.full[stage], (two ? 2 : 1) * (kTileBytesA + kR * BK * 2) +
-                                               (uf ? kTileBytesA : 0));
-            if constexpr (kLora && kBMn) {
-              if (uf) {
-                mbar_wait(&s.ufree[unit & 1], ((unit >> 1) & 1) ^ 1);
-                tma_load_2d(&s.epi.buf[unit & 1][0][0], &lora.uf, &s.full[stage], 0, a_row);
-              }
-            }
+            mbar_expect_tx(&s.full[stage], (two ? 2 : 1) * (kTileBytesA + kR * BK * 2));
             tma_load_2d(s.A[stage], &map_a, &s.full[stage], kb * BK, a_row);
             tma_load_2d(s.B[stage], &map_u, &s.full[stage], kb * BK, 0);
             if (two) {
@@ -834,6 +757,7 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    float d[128];
     int stage = 0;
     uint32_t phase = 0;
     for (int unit = 0; unit < sched.count; ++unit) {
@@ -843,25 +767,12 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
       if constexpr (kR > 0) {
         if (n0 == N) {  // the U tile: (128 x 32) = A's row block times Aadp^T
           float du[16];
-          if constexpr (kLora && kBMn) {  // with gB when lora.partial is given
-            float* part = lora.partial == nullptr
-                              ? nullptr
-                              : lora.partial + static_cast<int64_t>(m0 / BM) * K * 32;
-            consume_u_tile<kCluster, true>(du, s, wg, tid, kblocks, stage, phase, rank,
-                                           &s.epi.buf[unit & 1][0][0], part);
-            if (part != nullptr && tid == 0) mbar_arrive(&s.ufree[unit & 1]);  // half read
-          } else {
-            consume_u_tile<kCluster, false>(du, s, wg, tid, kblocks, stage, phase, rank,
-                                            nullptr, nullptr);
-          }
+          consume_u_tile<kCluster>(du, s, wg, tid, kblocks, stage, phase, rank);
           if (stored) store_tile<kR>(du, U, kR, m0 + wg * 64, 0, tid);
           if constexpr (kLora) publish_u_rows(lora.flags + m0 / BM, wg, tid);
           continue;
         }
       }
-      // the base tile's accumulators, scoped to it (the first MMA overwrites them): not live
-      // across the U tiles, whose own accumulators then fit beside them without spills
-      float d[128];
       consume_tile<BN, 128, kCluster, kLora, kBMn>(d, s, wg, tid, kblocks, stage, phase, rank);
       if (stored) {
         if constexpr (kTmaStore) store_tile_tma(d, s, &map_c, wg, tid, m0 + wg * 64, n0, bias);
@@ -1020,39 +931,17 @@ constexpr void (*kVariantLaunch[8])(const LaunchArgs&) = {
 }  // namespace
 
 namespace {
-// gB (K, 32) = bf16 of the sum over the row blocks' partials (tiles, K, 32) fp32, in row-block
-// order (deterministic): four consecutive elements per thread, the tiles' loads independent.
-__global__ void gb_reduce_kernel(const float4* __restrict__ part, __nv_bfloat16* __restrict__ gB,
-                                 int tiles, int64_t n4) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= n4) return;
-  float4 acc = part[i];
-#pragma unroll 8
-  for (int t = 1; t < tiles; ++t) {
-    const float4 v = part[t * n4 + i];
-    acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
-  }
-  __nv_bfloat162* out = reinterpret_cast<__nv_bfloat162*>(gB) + 2 * i;
-  out[0] = __floats2bfloat162_rn(acc.x, acc.y);
-  out[1] = __floats2bfloat162_rn(acc.z, acc.w);
-}
-
 // (C, U) = (A B^T, A Aadp^T) for A (M, K), B (N, K), Aadp (32, K) or undefined (then U is
 // undefined), all bf16 CUDA with unit stride along K. variant: see the file's head.
 // Bup (N, 32) defined (gemm_nt_lora; Aadp required, variant 1): C = A B^T + U Bup^T instead.
 // bmn (gemm_nn, gemm_nn_lora; variant 1): B is Bkn (K, N) row-major, C = A Bkn (+ U Bup^T).
 // bias (N,) defined (TMA-store variants 1, 3): C (+)= bias before the rounding. poison: the
-// package's POLYKERN_POISON (tests) on C and U (and the gB partials).
-// Uf (M, 32) defined (gemm_nn_lora, package only; gB != nullptr): also *gB = bf16(A^T Uf) (K, 32),
-// from per-row-block fp32 partials written by the U tiles (consume_u_tile) and summed in
-// row-block order by gb_reduce_kernel: the backward's gB_gen = gY^T U without its own pass over gY.
+// package's POLYKERN_POISON (tests) on C and U.
 std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::Tensor& B,
                                                 const at::Tensor& Aadp, const at::Tensor& Bup,
                                                 const at::Tensor& bias, int64_t grid_limit,
                                                 int64_t variant, bool bmn = false,
-                                                bool poison = false,
-                                                const at::Tensor& Uf = at::Tensor(),
-                                                at::Tensor* gB = nullptr) {
+                                                bool poison = false) {
   TORCH_CHECK(variant >= 0 && variant <= 3,
               "polykern lora_gemm: variant must be 0 (register epilogue), 1 (TMA-store epilogue), "
               "2 (2-CTA cluster, B multicast) or 3 (both), got ", variant);
@@ -1090,14 +979,6 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
   }
   TORCH_CHECK(!bmn || (variant == 1 && with_u == lora), "polykern lora_gemm: Bkn needs variant 1, and "
               "Aadp only with Bup");
-  const bool with_gb = Uf.defined();
-  TORCH_CHECK(with_gb == (gB != nullptr) && (!with_gb || (lora && bmn)),
-              "polykern lora_gemm: the forward's U (for gB) goes with gemm_nn_lora and an output");
-  if (with_gb) {
-    check_operand(Uf, A, "U (forward)", 32);
-    TORCH_CHECK(Uf.size(0) == A.size(0), "polykern lora_gemm: the forward's U must have A's ",
-                A.size(0), " rows, got ", Uf.size(0));
-  }
   const bool tma_store = variant & 1, cluster = variant & 2;
   if (bias.defined()) {
     TORCH_CHECK(tma_store, "polykern lora_gemm: bias needs the TMA-store epilogue (variant 1 or 3)");
@@ -1112,28 +993,15 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
   const c10::cuda::CUDAGuard guard(A.device());
   at::Tensor C = at::empty({M, N}, A.options());
   at::Tensor U = with_u ? at::empty({M, 32}, A.options()) : at::Tensor();
-  at::Tensor partial;
-  if (with_gb) {
-    *gB = at::empty({K, 32}, A.options());
-    partial = at::empty({M / BM, K, 32}, A.options().dtype(at::kFloat));
-  }
 #ifndef POLYKERN_EXPERIMENTAL_OPS
   if (poison) {  // POLYKERN_POISON=1 (tests): NaN first, so an element never written shows
     polykern::maybe_poison(C);
     if (with_u) polykern::maybe_poison(U);
-    if (with_gb) {
-      polykern::maybe_poison(*gB);
-      polykern::maybe_poison(partial);
-    }
   }
 #else
   (void)poison;
 #endif
-  if (M == 0) {
-    if (with_gb) gB->zero_();  // a sum over no rows
-    return {C, U};
-  }
-  if (N == 0 && !with_u) return {C, U};
+  if (M == 0 || (N == 0 && !with_u)) return {C, U};
   LaunchArgs L = {};
   // with clusters each CTA loads half of B's 256-row tile: boxes of 128 rows; Bkn: 64 x 64
   // boxes (64 columns along N, make_map's inner box width BK, by 64 rows along K)
@@ -1162,8 +1030,6 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
     // N == 0: no base tiles, never read. With Bkn, Bup (32, N) in Bkn's 64 x 64 boxes.
     L.lora.bup = N == 0 ? L.ma : make_map(Bup, bmn ? BK : BN);
     L.lora.flags = flags.data_ptr<int>();
-    L.lora.uf = with_gb ? make_map(Uf, BM) : L.ma;
-    L.lora.partial = with_gb ? partial.data_ptr<float>() : nullptr;
   }
   if (lora && bmn)
     launch<32, true, false, true, true>(L);
@@ -1179,15 +1045,6 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
     TORCH_CHECK(false, "polykern lora_gemm: the package builds the lora kernels only");
 #endif
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (with_gb) {
-    const int64_t n4 = K * 32 / 4;
-    const int threads = 256;
-    gb_reduce_kernel<<<static_cast<unsigned>((n4 + threads - 1) / threads), threads, 0,
-                       L.stream>>>(reinterpret_cast<const float4*>(partial.data_ptr<float>()),
-                                   reinterpret_cast<__nv_bfloat16*>(gB->data_ptr()),
-                                   static_cast<int>(M / BM), n4);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
   return {C, U};
 }
 }  // namespace
@@ -1222,18 +1079,11 @@ std::tuple<at::Tensor, at::Tensor> lora_gemm_forward(const at::Tensor& x, const 
   return gemm_nt_impl(x, W, A, B, bias.value_or(at::Tensor()), 0, 1, false, true);
 }
 
-// (gX, gU, gB) = (gY W + gU A, gY Bt^T, gY^T U) for gY (N, m), W (m, n), Bt = B^T (32, m), A
-// (32, n), U (N, 32) the forward's: the backward's gX = gY W + gU A with gU = gY B, W and A read
-// in place (MN-major), and gB_gen = gY^T U from the same kernel's U tiles. U undefined: gB too.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_gemm_backward(const at::Tensor& gy,
-                                                                  const at::Tensor& W,
-                                                                  const at::Tensor& Bt,
-                                                                  const at::Tensor& A,
-                                                                  const at::Tensor& U) {
-  at::Tensor gB;
-  auto [gX, gU] = gemm_nt_impl(gy, W, Bt, A, at::Tensor(), 0, 1, true, true, U,
-                               U.defined() ? &gB : nullptr);
-  return {gX, gU, gB};
+// (gX, gU) = (gY W + gU A, gY Bt^T) for gY (N, m), W (m, n), Bt = B^T (32, m), A (32, n): the
+// backward's gX = gY W + gU A with gU = gY B, W and A read in place (MN-major).
+std::tuple<at::Tensor, at::Tensor> lora_gemm_backward(const at::Tensor& gy, const at::Tensor& W,
+                                                      const at::Tensor& Bt, const at::Tensor& A) {
+  return gemm_nt_impl(gy, W, Bt, A, at::Tensor(), 0, 1, true, true);
 }
 
 }  // namespace polykern
