@@ -10,7 +10,8 @@
 // (in groups of 8 row blocks, for L2) over a grid of one CTA per SM. M % 128 == 0,
 // N % 256 == 0, K % 64 == 0.
 // - The U column: U = A Aadp^T (M, 32) as one more column of tiles per group of row blocks
-//   (wgmma n32), first in each group in the lora kernels.
+//   (wgmma n32); in the lora kernels one U tile per row block, on the CTAs with the fewest base
+//   tiles, each CTA's U tiles before its base tiles (Schedule, version 13).
 // - The lora kernels (kLora): every base tile adds one k-block of U's rows times Bup's rows
 //   (N, 32) after K, read by TMA once its row block's U tile published it through a per-row-block
 //   flag (async-proxy fences, release / acquire); a cooperative launch keeps all CTAs
@@ -626,10 +627,7 @@ __device__ __forceinline__ void store_tile_tma(const float (&d)[128], S& s,
 // kR = 0: C = A B^T. kR = 32: also U = A Aadp^T (M, 32), computed by one extra column of tiles
 // (n0 == N) that loads A's tiles again (from L2: the group's other tiles just read them) and
 // Aadp's 32 rows, and runs wgmma n32: the adapter's down-projection fused into the base GEMM
-// (plan item 1). NOT YET RUN ON A GPU in its kR = 32 form (written at the end of a session whose
-// device time was spent). kR = 0, kTmaStore = kCluster = false is the kernel measured in
-// h100_wgmma_gemm.txt, whose consumer loop and epilogue were then moved into consume_tile /
-// store_tile (same instructions, shared with the U tile; compiled here, not re-run).
+// (plan item 1; measured in h100_wgmma_gemm.txt and h100_wgmma_gemm_v13.txt).
 // kTmaStore (variant 1, 3): store_tile_tma for the C tiles. kCluster (variant 2, 3): launched in
 // clusters of 2 along x; the cluster takes tile pairs (m0, n0), (m0 + 128, n0), CTA rank r the
 // tile at m0 + 128 r, and each CTA's producer loads its A tile and B rows n0 + 128 r .. + 127,
