@@ -10,6 +10,7 @@ Environment:
 
 import glob
 import os
+import re
 import shutil
 
 from setuptools import setup
@@ -25,6 +26,16 @@ def _cuda_home():
         return "/usr/local/cuda"
     nvcc = shutil.which("nvcc")
     return os.path.dirname(os.path.dirname(nvcc)) if nvcc else None
+
+
+def _sm90a_only(arch_list):
+    """Whether the arch list builds Hopper's code as sm_90a alone ("9.0a", "9.0a+PTX"): the fused
+    adapter GEMMs (csrc/lora_gemm.cu) need the arch-specific instructions (wgmma, setmaxnreg) and
+    compile to a trap for any other target, and a device cannot tell an sm_90 cubin from an
+    sm_90a one, so they are switched on (POLYKERN_SM90A) only when no plain 9.0 entry is built."""
+    entries = [e for e in re.split(r"[;\s]+", arch_list.strip()) if e]
+    return any(e.startswith("9.0a") for e in entries) and not any(
+        e in ("9.0", "9.0+PTX") for e in entries)
 
 
 def _extensions():
@@ -65,6 +76,11 @@ def _extensions():
         link_args = [f"-l:{os.path.basename(lt[0])}", f"-Wl,-rpath,{lib_dirs[0]}"]
     else:
         print("polykern: no libcublasLt found; the merge GEMM uses at::addmm")
+    if _sm90a_only(os.environ["TORCH_CUDA_ARCH_LIST"]):
+        defines.append("-DPOLYKERN_SM90A")
+    else:
+        print("polykern: no sm_90a-only Hopper build in TORCH_CUDA_ARCH_LIST="
+              f"{os.environ['TORCH_CUDA_ARCH_LIST']!r}: the fused adapter GEMMs stay off")
     ext = CUDAExtension(
         name="polykern._C",
         sources=sources,

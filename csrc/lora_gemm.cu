@@ -1052,8 +1052,15 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
 namespace polykern {
 
 // Whether the lora kernels can run on CUDA device `dev`: a 9.0 device and a binary of this file
-// built for it (sm_90a; a build for other archs only has the trap). Cached per device.
+// built for it (sm_90a; a build for other archs only has the trap). Cached per device. The
+// binary's version says 90 for sm_90 and sm_90a alike, and an sm_90 (or compute_90 PTX) build
+// has the trap: so only a build whose arch list has sm_90a and no plain sm_90 (POLYKERN_SM90A,
+// set by setup.py and CMakeLists.txt) takes the kernels at all.
 bool lora_gemm_available(int dev) {
+#ifndef POLYKERN_SM90A
+  (void)dev;
+  return false;
+#endif
   static std::atomic<int> cache[64];  // 0 unknown, 1 yes, 2 no
   if (dev < 0 || dev >= 64) return false;
   int v = cache[dev].load();

@@ -1,6 +1,10 @@
 """The CUDA extension's host-side API that needs no GPU: the merge policy and the op schemas the
 modules dispatch to. Runs wherever the extension is built (CI builds it without a GPU)."""
 
+import os
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -159,3 +163,26 @@ def test_fused_gemm_rule(mode, N, n, m, R, dtype, bias_dtype, expected):
     finally:
         torch.ops.polykern._set_fused_gemm(old)
 
+
+
+def _setup_function(name):
+    """A function of setup.py, without running setup() (the file's top level calls it)."""
+    import ast
+    path = Path(__file__).resolve().parent.parent / "setup.py"
+    tree = ast.parse(path.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    scope = {"re": re, "os": os}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), scope)
+    return scope[name]
+
+
+@pytest.mark.parametrize("arch_list,expected", [
+    ("8.0;9.0a", True), ("9.0a", True), ("9.0a+PTX", True), ("8.0 9.0a", True),
+    ("8.6;9.0a;10.0", True), ("9.0", False), ("8.0;9.0", False), ("9.0+PTX", False),
+    ("8.0+PTX", False), ("9.0;9.0a", False), ("", False)])
+def test_fused_gemm_build_gate(arch_list, expected):
+    """setup.py defines POLYKERN_SM90A (the fused GEMMs' availability) only for an arch list with
+    sm_90a and no plain sm_90: a plain sm_90 build compiles lora_gemm.cu's kernels to a trap and
+    reports the same binary version 90 as an sm_90a one, so without the gate such a build on an
+    H100 would launch the trap."""
+    assert _setup_function("_sm90a_only")(arch_list) is expected
