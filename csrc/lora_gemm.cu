@@ -502,8 +502,9 @@ __device__ __forceinline__ void consume_tile(float (&d)[kRegs], S& s, int wg, in
 // bound by the bytes in flight (4 stages of 20 KiB: measured as 18 us per fused kernel for the
 // 64 U tiles, against a predicted 3-10). A stage's 48 KiB hold two k-blocks' 40 KiB: k-block
 // 2i in the A buffer with its Aadp rows at the start of the B buffer, k-block 2i + 1's Aadp rows
-// after them (byte kUpairB) and its A tile at byte kUpairA of the B buffer (1024-byte aligned,
-// as the 128-byte swizzle needs). The last stage holds one k-block when K / 64 is odd.
+// after them (element offset kUPairB) and its A tile at element offset kUPairA of the B buffer
+// (1024-byte aligned, as the 128-byte swizzle needs). The last stage holds one k-block when
+// K / 64 is odd.
 constexpr int kUPairB = 32 * BK, kUPairA = BM * BK;  // element offsets into the B buffer
 static_assert(2 * kUPairB * 2 <= kUPairA * 2 && kUPairA + BM * BK <= BN * BK,
               "two k-blocks of a U tile fit one stage's B buffer");
