@@ -297,13 +297,12 @@ class SideStream {
 // kernel's tiles (N % 128, n % 256, m % 256) and are large enough (fused_gemm_fits), the
 // forward computes y = x W^T + bias + U B^T and U
 // in one kernel (no merged weight, no side stream) and the backward gX = gY W + gU A and gU the
-// same way (W read in place), then gA = gU^T x and gB = gY^T U. Why: PERA square's merged path
-// spends the merge (22.8 us at 4096 x 4096) and U beside the base GEMM (22 us of stretch) in the
-// forward; the fused kernel costs 18 us over a GEMM of its own, which runs at 1.01-1.03x of
-// cuBLAS (bench/results/h100_wgmma_gemm.txt). Predicted for PERA square's step: about -30 us;
-// measured -12.5 us and -32 MiB of peak memory (csrc/README.md, version 12: the factor gradients
-// run in series after the backward kernel). Both directions take the same decision, so
-// a fused forward never leaves a backward without the merged weight it would have kept.
+// same way (W and A read in place), then gA = gU^T x and gB = gY^T U. Why: PERA square's merged
+// path spends the merge (22.8 us at 4096 x 4096) and U beside the base GEMM (22 us of stretch)
+// in the forward. Measured per PERA square step: -12.5 us in version 12, -29 to -39 us and
+// -32 MiB of peak memory in version 13 (csrc/README.md). Both directions take the same
+// decision, so a fused forward never leaves a backward without the merged weight it would have
+// kept; a weight the forward did keep (a forward that did not fit, e.g. an fp32 bias) is used.
 static std::atomic<int> g_fused_mode{-1};
 
 static int fused_mode() { return env_mode(g_fused_mode, "POLYKERN_FUSED_GEMM"); }
@@ -444,9 +443,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
                 " and grad_y's dtype ", grad_y.scalar_type(), ", got ", shape(W_merged->sizes()),
                 " ", W_merged->scalar_type());
   }
-  if (need_x && !separate &&
+  if (need_x && !separate && !kept &&
       fused_takes(gy.size(0), n, m, A.size(0), gy.scalar_type(), std::nullopt, gy)) {
-    // gX = gY W + gU A and gU = gY B in one kernel (W read in place), then the factors
+    // gX = gY W + gU A and gU = gY B in one kernel (W and A read in place), then the factors
     POLYKERN_SCOPE("polykern::fused_backward");
     auto [gX, gU] = lora_gemm_backward(tma_fit(gy), tma_fit(W), B.t().contiguous(),
                                        A.contiguous());

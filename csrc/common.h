@@ -69,9 +69,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
 Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias,
                       const Tensor& A, const Tensor& B);
 
-// The fused adapter GEMMs (lora_gemm.cu, version 12; sm_90a, bf16, R = 32): whether they can run
-// on CUDA device `device`, and the forward (y, U) = (x W^T + bias + U B^T, x A^T) and backward
-// (gX, gU) = (gY W + gU At^T, gY Bt^T) with Bt = B^T (32, m), At = A^T (n, 32). Shapes, dtypes
+// The fused adapter GEMMs (lora_gemm.cu, versions 12-13; sm_90a, bf16, R = 32): whether they can
+// run on CUDA device `device`, and the forward (y, U) = (x W^T + bias + U B^T, x A^T) and
+// backward (gX, gU) = (gY W + gU A, gY Bt^T) with Bt = B^T (32, m), A (32, n). Shapes, dtypes
 // and layouts are the caller's to check (adapter_core.cpp's fused_takes).
 bool lora_gemm_available(int device);
 std::tuple<Tensor, Tensor> lora_gemm_forward(const Tensor& x, const Tensor& W, const Tensor& A,

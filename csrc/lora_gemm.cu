@@ -444,16 +444,15 @@ __device__ __forceinline__ void release_stage(uint64_t* empty, uint32_t rank) {
   }
 }
 
-// One k-block of a consumer warpgroup: wait for the stage, issue kSteps k16 MMAs of its 64 rows
-// of A times the stage's first `kWidth` rows of the B buffer (accumulating unless `first`), keep
+// One k-block of a base tile's consumer warpgroup: wait for the stage, issue kSteps k16 MMAs of
+// its 64 rows of A times the stage's 256 rows of B (accumulating unless `first`), keep
 // this k-block's MMAs in flight and hand the previous k-block's stage (`prev`) back to the
 // producer once the MMAs that read it are done. kBMn: the B buffer holds the MN-major boxes of a
 // Bkn tile (see kBoxN), read with imm-trans-b = 1; else a K-major tile.
-template <int kWidth, int kRegs, bool kCluster, int kSteps, bool kBMn = false, typename S>
-__device__ __forceinline__ void consume_kblock(float (&d)[kRegs], S& s, int wg, int tid,
+template <bool kCluster, int kSteps, bool kBMn = false, typename S>
+__device__ __forceinline__ void consume_kblock(float (&d)[128], S& s, int wg, int tid,
                                                bool first, int& stage, uint32_t& phase,
                                                int& prev, uint32_t rank) {
-  static_assert(!kBMn || kWidth == 256, "MN-major B: the base tiles only");
   mbar_wait(&s.full[stage], phase);
   wgmma_fence();
   const __nv_bfloat16* a = s.A[stage] + wg * 64 * BK;  // this warpgroup's 64 rows
@@ -462,13 +461,9 @@ __device__ __forceinline__ void consume_kblock(float (&d)[kRegs], S& s, int wg, 
   // swizzle atom; MN-major B 16 rows of kBoxN bf16 = 2048 bytes
   constexpr int kStepB = kBMn ? 16 * kBoxN : 16;
 #pragma unroll
-  for (int k = 0; k < kSteps; ++k) {
-    if constexpr (kWidth == 256)
-      wgmma_m64n256k16<kBMn ? 1 : 0>(d, smem_desc(a + k * 16), smem_desc<kBMn>(b + k * kStepB),
-                                     (!first || k > 0));
-    else
-      wgmma_m64n32k16(d, smem_desc(a + k * 16), smem_desc(b + k * 16), (!first || k > 0));
-  }
+  for (int k = 0; k < kSteps; ++k)
+    wgmma_m64n256k16<kBMn ? 1 : 0>(d, smem_desc(a + k * 16), smem_desc<kBMn>(b + k * kStepB),
+                                   (!first || k > 0));
   wgmma_commit();
   wgmma_wait<1>();  // the previous k-block's MMAs are done: its stage can be refilled
   if (prev >= 0 && tid == 0) release_stage<kCluster>(&s.empty[prev], rank);
@@ -476,23 +471,20 @@ __device__ __forceinline__ void consume_kblock(float (&d)[kRegs], S& s, int wg, 
   if (++stage == STAGES) { stage = 0; phase ^= 1; }
 }
 
-// One consumer warpgroup's share of a tile: consume_kblock over all k-blocks, one k-block of
+// One consumer warpgroup's share of a base tile (128 x 256; U tiles: consume_u_tile):
+// consume_kblock over all k-blocks, one k-block of
 // MMAs in flight. kExtra (gemm_nt_lora's base tiles): one more k-block after the K / 64 regular
 // ones, whose stage holds U's 128 rows (A buffer) and Bup's 256 rows (B buffer), 32 columns each
 // (columns 32..63 zero-filled by TMA): only its first two k16 MMAs are issued. kBMn (gemm_nn,
 // gemm_nn_lora): every k-block reads B MN-major, the extra one's Bup (32, N) included.
-template <int kWidth, int kRegs, bool kCluster, bool kExtra = false, bool kBMn = false, typename S>
-__device__ __forceinline__ void consume_tile(float (&d)[kRegs], S& s, int wg, int tid,
-                                             int kblocks, int& stage, uint32_t& phase,
-                                             uint32_t rank) {
-  static_assert(kRegs == kWidth / 2, "m64nNk16: N / 2 fp32 registers per thread");
+template <bool kCluster, bool kExtra = false, bool kBMn = false, typename S>
+__device__ __forceinline__ void consume_tile(float (&d)[128], S& s, int wg, int tid, int kblocks,
+                                             int& stage, uint32_t& phase, uint32_t rank) {
   int prev = -1;
   for (int kb = 0; kb < kblocks; ++kb)
-    consume_kblock<kWidth, kRegs, kCluster, BK / 16, kBMn>(d, s, wg, tid, kb == 0, stage, phase,
-                                                           prev, rank);
+    consume_kblock<kCluster, BK / 16, kBMn>(d, s, wg, tid, kb == 0, stage, phase, prev, rank);
   if constexpr (kExtra)
-    consume_kblock<kWidth, kRegs, kCluster, 2, kBMn>(d, s, wg, tid, false, stage, phase, prev,
-                                                     rank);
+    consume_kblock<kCluster, 2, kBMn>(d, s, wg, tid, false, stage, phase, prev, rank);
   wgmma_wait<0>();
   if (prev >= 0 && tid == 0) release_stage<kCluster>(&s.empty[prev], rank);
 }
@@ -772,7 +764,7 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
           continue;
         }
       }
-      consume_tile<BN, 128, kCluster, kLora, kBMn>(d, s, wg, tid, kblocks, stage, phase, rank);
+      consume_tile<kCluster, kLora, kBMn>(d, s, wg, tid, kblocks, stage, phase, rank);
       if (stored) {
         if constexpr (kTmaStore) store_tile_tma(d, s, &map_c, wg, tid, m0 + wg * 64, n0, bias);
         else store_tile<BN>(d, C, N, m0 + wg * 64, n0, tid);

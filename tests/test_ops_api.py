@@ -164,7 +164,6 @@ def test_fused_gemm_rule(mode, N, n, m, R, dtype, bias_dtype, expected):
         torch.ops.polykern._set_fused_gemm(old)
 
 
-
 def _setup_function(name):
     """A function of setup.py, without running setup() (the file's top level calls it)."""
     import ast
