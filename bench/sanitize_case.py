@@ -13,14 +13,14 @@ for cls, cfg in ((polykern.PeraLinear, {"terms": "full"}), (polykern.PeraLinear,
             for p in layer.adapter_parameters():
                 p.add_(torch.randn_like(p) * 0.1)
         x = torch.randn(3, 7, 37, device="cuda", dtype=dtype, requires_grad=True)
-        for _ in range(4):  # the same call again: captured (op graphs), then replayed
+        for _ in range(2):
             layer(x).float().square().sum().backward()
-        # skinny GEMMs on the side stream, merged path (merged weight kept) and unmerged
-        old = torch.ops.polykern._set_side_stream(2)
+        # skinny GEMMs on the side stream, merged path and unmerged
+        old = polykern.ops._option("side_stream", 2)
         for policy in ("always", "never"):
-            with polykern.ops.merge_policy(policy, keep="always"):
+            with polykern.ops.merge_policy(policy):
                 layer(x).float().square().sum().backward()
-        torch.ops.polykern._set_side_stream(old)
+        polykern.ops._option("side_stream", old)
 # the fused gY pass (csrc/gy_pass.cu): R = 16 and 8 (padded), partial tiles in both directions
 for N, m, R in ((70, 136, 16), (300, 72, 8)):
     gy = torch.randn(N, m, device="cuda", dtype=torch.bfloat16)
@@ -29,6 +29,4 @@ for N, m, R in ((70, 136, 16), (300, 72, 8)):
     assert torch.ops.polykern._gy_pass_takes(gy, B, U)
     torch.ops.polykern._gy_pass(gy, B, U)
 torch.cuda.synchronize()
-stats = polykern.ops.op_graph_stats()
-assert stats["replays"] > 0, stats
-print("sanitize case ran; op graphs:", stats)
+print("sanitize case ran")

@@ -19,22 +19,22 @@ using OptT = std::optional<Tensor>;
 using Mask = std::array<bool, 3>;
 
 // ---- typed handles of the ops the nodes call (looked up once) ------------------------------
-using PeraFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+using PeraFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const Tensor&, double, const OptT&, bool);
+    const Tensor&, const Tensor&, double, const OptT&);
 using PeraBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, const Tensor&, double, const Tensor&, const Tensor&,
-    const Tensor&, Mask, const OptT&);
-using GenFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, Mask);
+using GenFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
-    const OptT&, bool);
+    const OptT&);
 using GenBwdSig =
     std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
         const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&, const Tensor&,
         const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-        const Tensor&, double, const Tensor&, const Tensor&, const Tensor&, Mask, const OptT&);
+        const Tensor&, double, const Tensor&, const Tensor&, const Tensor&, Mask);
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> handle(const char* name) {
@@ -81,22 +81,15 @@ void base_grads(const Tensor& gy, const Tensor& x, bool need_w, bool need_b, Ten
 
 bool present(const OptT& t) { return t.has_value() && t->defined(); }
 
-// The forward's kept merged weight W + B_gen A_gen (adapter_core.cpp, keep policy), or none.
-// The forward asks for it only when x requires grad: W_m serves gX = gY W_m alone.
-OptT kept(const Tensor& W_merged) {
-  return W_merged.defined() && W_merged.numel() > 0 ? OptT(W_merged) : OptT();
-}
-
 struct PeraFunction : public torch::autograd::Function<PeraFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& W, const OptT& bias,
                         const Tensor& A, const Tensor& B, const Tensor& h, const Tensor& pair_i,
                         const Tensor& pair_j, double scaling, const OptT& x_adapter) {
     static const auto op = handle<PeraFwdSig>("polykern::pera_linear");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, U, A_hat, B_gen, W_merged] =
-        op.call(x, W, bias, A, B, h, pair_i, pair_j, scaling, x_adapter, x.requires_grad());
-    ctx->save_for_backward({x, W, U, A_hat, B_gen, A, B, h, pair_i, pair_j,
-                            present(x_adapter) ? *x_adapter : Tensor(), W_merged});
+    auto [y, U, A_gen, B_gen] = op.call(x, W, bias, A, B, h, pair_i, pair_j, scaling, x_adapter);
+    ctx->save_for_backward({x, W, U, A_gen, B_gen, A, B, h, pair_i, pair_j,
+                            present(x_adapter) ? *x_adapter : Tensor()});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["has_bias"] = present(bias);
     return y;
@@ -105,9 +98,8 @@ struct PeraFunction : public torch::autograd::Function<PeraFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = handle<PeraBwdSig>("polykern::pera_linear_backward");
     const auto s = ctx->get_saved_variables();
-    const Tensor &x = s[0], &W = s[1], &U = s[2], &A_hat = s[3], &B_gen = s[4];
+    const Tensor &x = s[0], &W = s[1], &U = s[2], &A_gen = s[3], &B_gen = s[4];
     const Tensor &A = s[5], &B = s[6], &h = s[7], &pi = s[8], &pj = s[9], &xa = s[10];
-    const Tensor& W_merged = s[11];
     const bool has_xa = xa.defined();
     const EdgeMap e = edge_map(ctx, 3, 2, has_xa);  // A, B, h; pair_i, pair_j
     const Mask& mask = e.mask;
@@ -115,8 +107,7 @@ struct PeraFunction : public torch::autograd::Function<PeraFunction> {
     if (mask[0] || mask[1] || mask[2]) {
       std::tie(gx, gxa, gA, gB, gh) =
           op.call(grads[0], x, has_xa ? OptT(xa) : OptT(), W, A, B, h, pi, pj,
-                  ctx->saved_data["scaling"].toDouble(), U, A_hat, B_gen, mask,
-                  kept(W_merged));
+                  ctx->saved_data["scaling"].toDouble(), U, A_gen, B_gen, mask);
     }
     base_grads(grads[0], x, needs(ctx, e.W), needs(ctx, e.b), gW, gb);
     auto keep = [&](const Tensor& g, int64_t edge) { return needs(ctx, edge) ? g : Tensor(); };
@@ -133,10 +124,10 @@ struct GenLoraFunction : public torch::autograd::Function<GenLoraFunction> {
                         const OptT& x_adapter) {
     static const auto op = handle<GenFwdSig>("polykern::genlora_linear");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, U, A, B, W_merged] = op.call(x, W, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B,
-                                          scaling, x_adapter, x.requires_grad());
-    ctx->save_for_backward({x, W, U, A, B, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B,
-                            present(x_adapter) ? *x_adapter : Tensor(), W_merged});
+    auto [y, U, A_gen, B_gen] = op.call(x, W, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B,
+                                        scaling, x_adapter);
+    ctx->save_for_backward({x, W, U, A_gen, B_gen, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B,
+                            present(x_adapter) ? *x_adapter : Tensor()});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["has_bias"] = present(bias);
     return y;
@@ -145,16 +136,15 @@ struct GenLoraFunction : public torch::autograd::Function<GenLoraFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = handle<GenBwdSig>("polykern::genlora_linear_backward");
     const auto s = ctx->get_saved_variables();
-    const Tensor &x = s[0], &W = s[1], &U = s[2], &A = s[3], &B = s[4], &xa = s[13];
-    const Tensor& W_merged = s[14];
+    const Tensor &x = s[0], &W = s[1], &U = s[2], &A_gen = s[3], &B_gen = s[4], &xa = s[13];
     const bool has_xa = xa.defined();
     const EdgeMap e = edge_map(ctx, 8, 0, has_xa);
     const Mask& mask = e.mask;
     std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> g;
     if (mask[0] || mask[1] || mask[2]) {
       g = op.call(grads[0], x, has_xa ? OptT(xa) : OptT(), W, s[5], s[6], s[7], s[8], s[9],
-                  s[10], s[11], s[12], ctx->saved_data["scaling"].toDouble(), U, A, B, mask,
-                  kept(W_merged));
+                  s[10], s[11], s[12], ctx->saved_data["scaling"].toDouble(), U, A_gen, B_gen,
+                  mask);
     }
     Tensor gW, gb;
     base_grads(grads[0], x, needs(ctx, e.W), needs(ctx, e.b), gW, gb);

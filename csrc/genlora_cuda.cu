@@ -756,11 +756,11 @@ std::tuple<Tensor, Tensor> genlora_expand_op(const Tensor& Z_A, const Tensor& C_
   return synth(p, scaling, dtype);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> genlora_linear_op(
+std::tuple<Tensor, Tensor, Tensor, Tensor> genlora_linear_op(
     const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias, const Tensor& Z_A,
     const Tensor& C_A, const Tensor& g_A, const Tensor& M_A, const Tensor& Z_B, const Tensor& C_B,
-    const Tensor& g_B, const Tensor& M_B, double scaling, const std::optional<Tensor>& x_adapter,
-    bool keep_merged) {
+    const Tensor& g_B, const Tensor& M_B, double scaling,
+    const std::optional<Tensor>& x_adapter) {
   GenParams p{Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B};
   {
     POLYKERN_SCOPE("polykern::checks");
@@ -768,15 +768,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> genlora_linear_op(
     check_genlora_params("genlora_linear", x, p, W.size(1), W.size(0));
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  GraphKey key;
-  key.add(int64_t{201}).add(x).add(W).add(bias).add(Z_A).add(C_A).add(g_A).add(M_A).add(Z_B);
-  key.add(C_B).add(g_B).add(M_B).add(scaling).add(x_adapter).add(int64_t{keep_merged});
-  auto o = run_graphed(std::move(key), graph_work(x, W), [&]() -> std::vector<Tensor> {
-    auto [A, B] = synth(p, scaling, x.scalar_type());
-    auto [y, U, W_merged] = adapter_forward(x, W, bias, A, B, x_adapter, keep_merged);
-    return {y, U, A, B, W_merged};
-  });
-  return {o[0], o[1], o[2], o[3], o[4]};
+  auto [A_gen, B_gen] = synth(p, scaling, x.scalar_type());
+  auto [y, U] = adapter_forward(x, W, bias, A_gen, B_gen, x_adapter);
+  return {y, U, A_gen, B_gen};
 }
 
 Tensor genlora_linear_inference_op(const Tensor& x, const Tensor& W,
@@ -788,13 +782,8 @@ Tensor genlora_linear_inference_op(const Tensor& x, const Tensor& W,
   GenParams p{Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B};
   check_genlora_params("genlora_linear_inference", x, p, W.size(1), W.size(0));
   const c10::cuda::CUDAGuard guard(x.device());
-  GraphKey key;
-  key.add(int64_t{202}).add(x).add(W).add(bias).add(Z_A).add(C_A).add(g_A).add(M_A).add(Z_B);
-  key.add(C_B).add(g_B).add(M_B).add(scaling);
-  return run_graphed(std::move(key), graph_work(x, W), [&]() -> std::vector<Tensor> {
-    auto [A, B] = synth(p, scaling, x.scalar_type());
-    return {adapter_linear(x, W, bias, A, B)};
-  })[0];
+  auto [A_gen, B_gen] = synth(p, scaling, x.scalar_type());
+  return adapter_linear(x, W, bias, A_gen, B_gen);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
@@ -803,29 +792,21 @@ genlora_linear_backward_op(const Tensor& grad_y, const Tensor& x,
                            const Tensor& Z_A, const Tensor& C_A, const Tensor& g_A,
                            const Tensor& M_A, const Tensor& Z_B, const Tensor& C_B,
                            const Tensor& g_B, const Tensor& M_B, double scaling, const Tensor& U,
-                           const Tensor& A, const Tensor& B, std::array<bool, 3> output_mask,
-                           const std::optional<Tensor>& W_merged) {
+                           const Tensor& A_gen, const Tensor& B_gen,
+                           std::array<bool, 3> output_mask) {
   check_cuda(grad_y, "grad_y", x);
   const c10::cuda::CUDAGuard guard(x.device());
-  GraphKey key;
-  key.add(int64_t{203}).add(grad_y).add(x).add(x_adapter).add(W).add(Z_A).add(C_A).add(g_A);
-  key.add(M_A).add(Z_B).add(C_B).add(g_B).add(M_B).add(scaling).add(U).add(A).add(B);
-  key.add(W_merged).add(int64_t{output_mask[0]}).add(int64_t{output_mask[1]});
-  key.add(int64_t{output_mask[2]});
-  auto g = run_graphed(std::move(key), graph_work(x, W), [&]() -> std::vector<Tensor> {
-    auto [gX, gXa, gA, gB] = adapter_backward(grad_y, x, x_adapter, W, A, B, U, output_mask[0],
-                                              output_mask[1], output_mask[2], W_merged);
+  auto [gX, gXa, gA_gen, gB_gen] = adapter_backward(grad_y, x, x_adapter, W, A_gen, B_gen, U,
+                                                    output_mask[0], output_mask[1],
+                                                    output_mask[2]);
+  if (output_mask[2]) {
     GenParams p{Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B};
-    std::vector<Tensor> out{gX, gXa};
-    if (output_mask[2]) {
-      for (Tensor& t : synth_backward(gA, gB, p, scaling)) out.push_back(std::move(t));
-    } else {
-      for (const Tensor* t : {&Z_A, &C_A, &g_A, &M_A, &Z_B, &C_B, &g_B, &M_B})
-        out.push_back(at::empty({0}, t->options()));
-    }
-    return out;
-  });
-  return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9]};
+    auto g = synth_backward(gA_gen, gB_gen, p, scaling);
+    return {gX, gXa, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
+  }
+  auto none = [](const Tensor& t) { return at::empty({0}, t.options()); };
+  return {gX,       gXa,       none(Z_A), none(C_A), none(g_A),
+          none(M_A), none(Z_B), none(C_B), none(g_B), none(M_B)};
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// The fused gY pass (version 7): gU = gY B_gen (N, R) and gB_gen = gY^T U (m, R) from ONE read of
+// The fused gY pass: gU = gY B_gen (N, R) and gB_gen = gY^T U (m, R) from ONE read of
 // gY (N, m), for bf16/fp16 and R = 8 or 16. Two cuBLASLt GEMMs read gY twice: at N = 8192,
 // m = 4096 that is 2 x 64 MiB, 25-29 us each on the H100 (csrc/README.md).
 //
@@ -266,14 +266,6 @@ gy_pass_sum_kernel(const float* __restrict__ Pu, const float* __restrict__ Pb, T
 
 bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
-bool env_off() {
-  static const bool off = [] {
-    const char* v = std::getenv("POLYKERN_FUSED_GY");
-    return v != nullptr && std::strcmp(v, "0") == 0;
-  }();
-  return off;
-}
-
 template <typename T, int RP, int S>
 void launch_s(const GyArgs& a, dim3 grid, cudaStream_t stream) {
   const size_t smem = Cfg<RP, S>::smem_elems * sizeof(T);
@@ -299,7 +291,7 @@ void launch(const GyArgs& a, dim3 grid, cudaStream_t stream) {
 }  // namespace
 
 bool gy_pass_takes(const Tensor& gy, const Tensor& B, const Tensor& U) {
-  if (env_off()) return false;
+  if (option(Opt::kFusedGy) == 0) return false;
   const auto dt = gy.scalar_type();
   if (dt != at::kBFloat16 && dt != at::kHalf) return false;
   if (B.scalar_type() != dt || U.scalar_type() != dt) return false;
@@ -325,8 +317,8 @@ void gy_pass_into(const Tensor& gy, const Tensor& B, const Tensor& U, const Tens
                   const Tensor& gB) {
   POLYKERN_SCOPE("polykern::gy_pass");
   if (!gy_pass_takes(gy, B, U)) {
-    fast_mm_into(gU, gy, B);
-    fast_mm_into(gB, gy.t(), U);
+    fast_mm_into(gU, gy, B, Tokens::kM);
+    fast_mm_into(gB, gy.t(), U, Tokens::kK);
     return;
   }
   TORCH_INTERNAL_ASSERT(gU.is_contiguous() && gB.is_contiguous() &&

@@ -1,24 +1,24 @@
-// The adapter's own GEMMs (the skinny ones and the merge) on cuBLASLt, with a plan per shape:
-// descriptors built once, and the algorithm picked by timing cuBLASLt's candidates once, the
-// first time a shape is seen (like cudnn.benchmark), instead of taking the heuristic's first
-// answer on every call.
+// The adapter's own GEMMs (the skinny ones and the merge) on cuBLASLt: descriptors built once
+// per shape, and the algorithm picked by timing cuBLASLt's candidates once per shape class, the
+// shape with the token count N left out (common.h, Tokens), instead of taking the heuristic's
+// first answer.
 //
-// Why: on the H100 the heuristic's picks for the adapter's shapes ran at 1.3-2.3x their
+// Why timing: on the H100 the heuristic's picks for the adapter's shapes ran at 1.3-2.3x their
 // bandwidth floor (at::mm's `U = x A^T` at N = 8192, n = 4096, R = 152: a 96 x 64 tile that
-// reads x twice, 49.7 us against a 22 us floor; csrc/README.md). The host cost of a call is
-// about at::mm's (34 vs 32 us on the H100 machine's slow host, bench/host_overhead.py).
+// reads x twice, 49.7 us against a 22 us floor). Why per class and not per shape: fine-tuning
+// pads each batch to its longest sequence, so N changes every step; timing each new N cost up
+// to 57 ms per layer (bench/bench_e2e.py's varlen workloads). A new N in a known class builds
+// its descriptors and checks the class's algorithm (cublasLtMatmulAlgoCheck): host work of a
+// few microseconds, no GPU work.
 //
-// Tuning cost: one spin kernel, each candidate run six times, one synchronisation: a few ms,
-// once per shape. With a new batch shape every step (dynamic padding), tuning each would cost
-// more than it saves, so at most kMaxTuned shapes per process are timed and later ones take the
-// heuristic's first candidate; the plan cache is cleared past kMaxPlans entries.
+// Timing: one spin kernel, each candidate run six times, one synchronisation: a few ms, once per
+// class, at most kMaxTuned classes per process (later ones take the heuristic's first pick).
+// Skipped, with the heuristic's first candidate used, while the stream is being captured into a
+// CUDA graph, under torch.use_deterministic_algorithms(True), and with option gemm_tune 0.
 //
 // Semantics are torch's row-major ones: D (M, N) = X (M, K) Y (K, N) + beta C, fp32
 // accumulation, bf16/fp16 only (fp32 and fp64 stay on ATen with torch's TF32 settings). Split-K
-// candidates may only reduce in fp32 (CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE). Tuning is skipped,
-// and the heuristic's first candidate used, while the stream is being captured into a CUDA graph,
-// under torch.use_deterministic_algorithms(True), and with POLYKERN_GEMM_TUNE=0.
-// POLYKERN_GEMM_TUNE_LOG=1 prints each tuning's candidates and times to stderr.
+// candidates may only reduce in fp32 (CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE).
 #include "common.h"
 
 #include <torch/library.h>
@@ -31,8 +31,6 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <cublasLt.h>
 
-#include <cstdio>
-#include <cstdlib>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -43,11 +41,6 @@ namespace polykern {
 
 #ifdef POLYKERN_HAVE_CUBLASLT
 namespace {
-
-bool env_is(const char* name, const char* value) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::string(v) == value;
-}
 
 // One operand of cuBLAS's column-major problem D^T = Y^T X^T: a torch matrix T (rows, cols) that
 // is row-major (stride(1) == 1) is T^T in column-major with no transpose; one that is
@@ -86,16 +79,38 @@ struct Plan {
 };
 
 // key: device, dtype, M, N, K, both ops, four leading dimensions, C aliasing D, beta != 0,
-// and the four pointers' alignments (they decide which kernels are legal)
-using Key = std::array<int64_t, 17>;
+// the four pointers' alignments (they decide which kernels are legal) and the gemm_tune option
+// (so that a benchmark can compare both in one process). A class key is the same with the
+// token count (M or K, as the caller says) set to -1.
+using Key = std::array<int64_t, 18>;
 
 constexpr int kMaxTuned = 64;
 constexpr size_t kMaxPlans = 4096;
 std::mutex g_mutex;
-int g_tuned = 0;  // shapes timed so far (under g_mutex)
+int g_tuned = 0;  // classes timed so far (under g_mutex)
 std::map<Key, Plan>& plans() {
   static auto* p = new std::map<Key, Plan>();  // never destroyed: outlives the CUDA context
   return *p;
+}
+// the algorithm chosen for each class (timed, or the heuristic's first where not timed)
+std::map<Key, cublasLtMatmulAlgo_t>& class_algos() {
+  static auto* c = new std::map<Key, cublasLtMatmulAlgo_t>();
+  return *c;
+}
+
+// Takes the class's algorithm for plan p when cuBLASLt accepts it for p's exact shape.
+bool adopt(Plan& p, const cublasLtMatmulAlgo_t& algo, size_t ws_size) {
+  cublasLtMatmulHeuristicResult_t r{};
+  if (cublasLtMatmulAlgoCheck(at::cuda::getCurrentCUDABlasLtHandle(), p.desc, p.la, p.lb, p.lc,
+                              p.ld, &algo, &r) != CUBLAS_STATUS_SUCCESS ||
+      r.workspaceSize > ws_size)
+    return false;
+  r.algo = algo;
+  r.state = CUBLAS_STATUS_SUCCESS;
+  p.candidates.assign(1, r);
+  p.chosen = 0;
+  p.tuned = true;
+  return true;
 }
 
 void destroy(Plan& p) {  // descriptors are host objects; no launch keeps them after enqueue
@@ -107,8 +122,8 @@ void destroy(Plan& p) {  // descriptors are host objects; no launch keeps them a
   p = Plan();
 }
 
-bool make_plan(Plan& p, cudaDataType_t dt, const Operand& a, const Operand& b, uint64_t n_rows,
-               uint64_t n_cols, int64_t ldc, int64_t ldd, const uint32_t al[4], size_t ws_size) {
+bool describe_plan(Plan& p, cudaDataType_t dt, const Operand& a, const Operand& b,
+                   uint64_t n_rows, uint64_t n_cols, int64_t ldc, int64_t ldd) {
   const cublasOperation_t ta = a.op, tb = b.op;
   bool ok =
       cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS &&
@@ -120,9 +135,13 @@ bool make_plan(Plan& p, cudaDataType_t dt, const Operand& a, const Operand& b, u
       cublasLtMatrixLayoutCreate(&p.lb, dt, b.rows, b.cols, b.ld) == CUBLAS_STATUS_SUCCESS &&
       cublasLtMatrixLayoutCreate(&p.lc, dt, n_rows, n_cols, ldc) == CUBLAS_STATUS_SUCCESS &&
       cublasLtMatrixLayoutCreate(&p.ld, dt, n_rows, n_cols, ldd) == CUBLAS_STATUS_SUCCESS;
-  if (!ok) return false;
+  return ok;
+}
+
+// The heuristic's candidates for a described plan (those that fit the workspace).
+bool query_candidates(Plan& p, const uint32_t al[4], size_t ws_size) {
   cublasLtMatmulPreference_t pref = nullptr;
-  ok = cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS;
+  bool ok = cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS;
   const uint32_t reduction = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;  // split-K sums in fp32
   ok = ok &&
        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
@@ -187,27 +206,20 @@ void tune(Plan& p, const Tensor& X, const Tensor& Y, float beta, const Tensor& C
     C10_CUDA_CHECK(cudaEventRecord(ev[2 * i + 1], stream));
   }
   C10_CUDA_CHECK(cudaEventSynchronize(ev[2 * n - 1]));
-  const bool log = env_is("POLYKERN_GEMM_TUNE_LOG", "1");
   float best = std::numeric_limits<float>::infinity();
-  std::string line;
   for (int i = 0; i < n; ++i) {
     float ms = 0.f;
     C10_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]));
     const float us = ok[i] ? 1000.f * ms / kReps : std::numeric_limits<float>::infinity();
     if (us < best) { best = us; p.chosen = i; }
-    if (log) line += ok[i] ? " " + std::to_string(static_cast<int>(us * 10.f) / 10.0).substr(0, 6)
-                           : std::string(" failed");
   }
   for (auto& e : ev) C10_CUDA_CHECK(cudaEventDestroy(e));
-  if (log)
-    std::fprintf(stderr, "polykern gemm tune M=%lld N=%lld K=%lld: candidates (us):%s -> #%d\n",
-                 static_cast<long long>(X.size(0)), static_cast<long long>(Y.size(1)),
-                 static_cast<long long>(X.size(1)), line.c_str(), p.chosen);
 }
 
 }  // namespace
 
-bool lt_gemm(const Tensor& X, const Tensor& Y, const Tensor& C, const Tensor& D, float beta) {
+bool lt_gemm(const Tensor& X, const Tensor& Y, const Tensor& C, const Tensor& D, float beta,
+             Tokens tokens) {
   POLYKERN_SCOPE("polykern::lt_gemm");
   const at::ScalarType st = D.scalar_type();
   cudaDataType_t dt;
@@ -233,7 +245,12 @@ bool lt_gemm(const Tensor& X, const Tensor& Y, const Tensor& C, const Tensor& D,
   const uint32_t al[4] = {alignment(Y), alignment(X), alignment(Cm), alignment(D)};
   const bool c_is_d = has_c && C.data_ptr() == D.data_ptr();
   const Key key = {D.get_device(), static_cast<int64_t>(st), M, N, K, a.op, b.op, a.ld, b.ld,
-                   Cm.stride(0), D.stride(0), c_is_d, has_c, al[0], al[1], al[2], al[3]};
+                   Cm.stride(0), D.stride(0), c_is_d, has_c, al[0], al[1], al[2], al[3],
+                   option(Opt::kGemmTune)};
+
+  Key class_key = key;
+  if (tokens == Tokens::kM) class_key[2] = -1;
+  if (tokens == Tokens::kK) class_key[4] = -1;
 
   void* ws = at::cuda::getCUDABlasLtWorkspace();
   const size_t ws_size = at::cuda::getCUDABlasLtWorkspaceSize();
@@ -246,9 +263,15 @@ bool lt_gemm(const Tensor& X, const Tensor& Y, const Tensor& C, const Tensor& D,
       plans().clear();
     }
     Plan p;
-    if (!make_plan(p, dt, a, b, static_cast<uint64_t>(N), static_cast<uint64_t>(M),
-                   Cm.stride(0), D.stride(0), al, ws_size))
-      destroy(p);  // no algorithm: remembered (no candidates), so the caller falls back
+    if (!describe_plan(p, dt, a, b, static_cast<uint64_t>(N), static_cast<uint64_t>(M),
+                       Cm.stride(0), D.stride(0))) {
+      destroy(p);  // remembered with no candidates, so the caller falls back
+    } else {
+      const auto known = class_algos().find(class_key);
+      if (known == class_algos().end() || !adopt(p, known->second, ws_size)) {
+        if (!query_candidates(p, al, ws_size)) destroy(p);
+      }
+    }
     it = plans().emplace(key, std::move(p)).first;
   }
   Plan& p = it->second;
@@ -257,13 +280,14 @@ bool lt_gemm(const Tensor& X, const Tensor& Y, const Tensor& C, const Tensor& D,
     const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() !=
                            c10::cuda::CaptureStatus::None;
     if (!capturing) {
-      if (env_is("POLYKERN_GEMM_TUNE", "0") || at::globalContext().deterministicAlgorithms() ||
+      if (option(Opt::kGemmTune) == 0 || at::globalContext().deterministicAlgorithms() ||
           g_tuned >= kMaxTuned) {
         p.tuned = true;  // the heuristic's first candidate
       } else {
         ++g_tuned;
         tune(p, X, Y, beta, has_c ? C : Tensor(), D, ws, ws_size);
       }
+      class_algos().emplace(class_key, p.candidates[p.chosen].algo);
     }
   }
   return run(p, p.chosen, Y.data_ptr(), X.data_ptr(), beta, Cm.data_ptr(), D.data_ptr(), ws,
@@ -271,34 +295,36 @@ bool lt_gemm(const Tensor& X, const Tensor& Y, const Tensor& C, const Tensor& D,
 }
 
 #else
-bool lt_gemm(const Tensor&, const Tensor&, const Tensor&, const Tensor&, float) { return false; }
+bool lt_gemm(const Tensor&, const Tensor&, const Tensor&, const Tensor&, float, Tokens) {
+  return false;
+}
 #endif
 
 // lt_gemm declines what it cannot take (dtypes other than bf16/fp16, empty or mismatched
 // shapes, unsupported layouts); at::mm_out serves those, with its own error messages.
-void fast_mm_into(const Tensor& D, const Tensor& X, const Tensor& Y) {
+void fast_mm_into(const Tensor& D, const Tensor& X, const Tensor& Y, Tokens tokens) {
   maybe_poison(D);
-  if (!lt_gemm(X, Y, Tensor(), D, 0.0f)) at::mm_out(const_cast<Tensor&>(D), X, Y);
+  if (!lt_gemm(X, Y, Tensor(), D, 0.0f, tokens)) at::mm_out(const_cast<Tensor&>(D), X, Y);
 }
 
-Tensor fast_mm(const Tensor& X, const Tensor& Y) {
+Tensor fast_mm(const Tensor& X, const Tensor& Y, Tokens tokens) {
   TORCH_CHECK(X.dim() == 2 && Y.dim() == 2, "polykern: fast_mm takes 2-D operands");
   Tensor D = at::empty({X.size(0), Y.size(1)}, X.options());
-  fast_mm_into(D, X, Y);
+  fast_mm_into(D, X, Y, tokens);
   return D;
 }
 
-void fast_addmm_(Tensor& D, const Tensor& X, const Tensor& Y) {
-  if (!lt_gemm(X, Y, D, D, 1.0f)) D.addmm_(X, Y);
+void fast_addmm_(Tensor& D, const Tensor& X, const Tensor& Y, Tokens tokens) {
+  if (!lt_gemm(X, Y, D, D, 1.0f, tokens)) D.addmm_(X, Y);
 }
 
-Tensor fast_addmm(const Tensor& C, const Tensor& X, const Tensor& Y) {
+Tensor fast_addmm(const Tensor& C, const Tensor& X, const Tensor& Y, Tokens tokens) {
   if (C.dim() == 2 && X.dim() == 2 && Y.dim() == 2 && X.size(0) > 0 && Y.size(1) > 0 &&
       X.size(1) > 0 && C.size(0) == X.size(0) && C.size(1) == Y.size(1) &&
       (C.scalar_type() == at::kBFloat16 || C.scalar_type() == at::kHalf)) {
     Tensor D = at::empty({X.size(0), Y.size(1)}, C.options());
     maybe_poison(D);
-    if (lt_gemm(X, Y, C, D, 1.0f)) return D;
+    if (lt_gemm(X, Y, C, D, 1.0f, tokens)) return D;
   }
   return at::addmm(C, X, Y);
 }
@@ -313,14 +339,14 @@ static Tensor adapter_gemm_op(const Tensor& X, const Tensor& Y, const std::optio
               " cannot be multiplied");
   TORCH_CHECK(X.scalar_type() == Y.scalar_type(), "polykern::_adapter_gemm: X is ",
               X.scalar_type(), " but Y is ", Y.scalar_type());
-  if (!C.has_value()) return fast_mm(X, Y);
+  if (!C.has_value()) return fast_mm(X, Y, Tokens::kNone);
   check_cuda(*C, "C", X);
   TORCH_CHECK(C->dim() == 2 && C->size(0) == X.size(0) && C->size(1) == Y.size(1) &&
                   C->scalar_type() == X.scalar_type(),
               "polykern::_adapter_gemm: C must be ", X.scalar_type(), " of shape (",
               num(X.size(0)), ", ", num(Y.size(1)), "), got ", C->scalar_type(), " ",
               shape(C->sizes()));
-  return fast_addmm(*C, X, Y);
+  return fast_addmm(*C, X, Y, Tokens::kNone);
 }
 
 TORCH_LIBRARY_IMPL(polykern, CUDA, m) { m.impl("_adapter_gemm", &adapter_gemm_op); }

@@ -1,14 +1,14 @@
 // PERA on CUDA: the polynomial expansion (forward) and its chain rule (backward) as one kernel
 // launch each, around the shared adapter core (common.h).
 //
-// Forward:  A (r, n), h (P,), B (m, r) -> A_hat = [a_i ; h_p a_i*a_j] (R, n),
+// Forward:  A (r, n), h (P,), B (m, r) -> A_gen = [a_i ; h_p a_i*a_j] (R, n),
 //           B_gen = s [b_i , b_i*b_j] (m, R), written in the compute dtype T; parameters are
 //           read in their own dtype P, arithmetic in W_t (float, or double for float64), in the
 //           reference's order (for float32 parameters the factors match it bit for bit).
-// Backward: gA_hat (R, n), gB_gen (m, R) in T -> gA (r, n), gB (m, r), gh (P,) written in P:
-//           gA[i] = gA_hat[i] + sum_j c_ij h_p(i,j) gA_hat[r+p] * a_j   (c_ii = 2, else 1)
+// Backward: gA_gen (R, n), gB_gen (m, R) in T -> gA (r, n), gB (m, r), gh (P,) written in P:
+//           gA[i] = gA_gen[i] + sum_j c_ij h_p(i,j) gA_gen[r+p] * a_j   (c_ii = 2, else 1)
 //           gB[:, i] = s (gB_gen[:, i] + sum_j c_ij gB_gen[:, r+p] * b_j)
-//           gh_p = sum_k gA_hat[r+p, k] a_i[k] a_j[k]
+//           gh_p = sum_k gA_gen[r+p, k] a_i[k] a_j[k]
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -23,7 +23,7 @@ namespace {
 
 constexpr int kNThreads = 256;
 constexpr int kMaxRank = 64;     // pair indices fit 16 bits; the lookup table is r * r shorts
-constexpr int kCols = 32;        // columns of A (A_hat, gA_hat, gA) per block
+constexpr int kCols = 32;        // columns of A (A_gen, gA_gen, gA) per block
 constexpr int kVec = 8;          // consecutive elements a thread reads or writes at once
 constexpr int kColsItem = 4;     // consecutive columns of gA per thread: r * 8 items per block
 constexpr int kRowsFwdB = 32;    // rows of B_gen per forward block
@@ -130,7 +130,7 @@ __device__ __forceinline__ void stage_cols(S* dst, const S* __restrict__ src, in
   }
 }
 
-// Version 2: one block per 32 columns of A_hat (all R rows; A's r rows of those columns staged
+// Version 2: one block per 32 columns of A_gen (all R rows; A's r rows of those columns staged
 // in shared memory, so a pair row is two shared reads and a multiply) or per 32 rows of B_gen
 // (a contiguous slice of it, B's rows staged likewise), the pair list staged as packed ints,
 // 8 elements per thread written with 16-byte stores, no 64-bit division. Version 1 (one element per
@@ -140,7 +140,7 @@ template <typename Pt, typename Wt, typename T>
 __global__ void __launch_bounds__(kNThreads)
 pera_expand_kernel(const Pt* __restrict__ A, const Pt* __restrict__ B,
                    const Pt* __restrict__ h, const int64_t* __restrict__ pi,
-                   const int64_t* __restrict__ pj, T* __restrict__ A_hat,
+                   const int64_t* __restrict__ pj, T* __restrict__ A_gen,
                    T* __restrict__ B_gen, int r, int P, int64_t n, int64_t m, Wt scaling,
                    int nbA) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -169,9 +169,9 @@ pera_expand_kernel(const Pt* __restrict__ A, const Pt* __restrict__ B,
     const int k = tid % kThreadsRow * kVec;
     const int valid = static_cast<int>(min(static_cast<int64_t>(kVec), n - c0 - k));
     if (valid <= 0) return;
-    // one 16-byte-aligned store when every row of A_hat starts 16-byte aligned
+    // one 16-byte-aligned store when every row of A_gen starts 16-byte aligned
     const bool whole =
-        valid == kVec && (n * static_cast<int64_t>(sizeof(T))) % 16 == 0 && aligned16(A_hat);
+        valid == kVec && (n * static_cast<int64_t>(sizeof(T))) % 16 == 0 && aligned16(A_gen);
 #pragma unroll 2
     for (int row = tid / kThreadsRow; row < R; row += kNThreads / kThreadsRow) {
       Wt v[kVec];
@@ -186,7 +186,7 @@ pera_expand_kernel(const Pt* __restrict__ A, const Pt* __restrict__ B,
 #pragma unroll
         for (int e = 0; e < kVec; ++e) v[e] = hp * ai[e] * aj[e];  // (h * a_i) * a_j, as the
       }                                                             // reference
-      store_vec(A_hat + row * n + c0 + k, whole, valid, v);
+      store_vec(A_gen + row * n + c0 + k, whole, valid, v);
     }
   } else {  // thread: kVec consecutive elements of the block's slice of B_gen, (nu, R)
     const int count = nu * R;
@@ -234,7 +234,7 @@ __device__ __forceinline__ void build_lut(short* lut, const int64_t* __restrict_
   for (int p = tid + kNThreads; p < P; p += kNThreads) put(p, pi[p], pj[p]);
 }
 
-// gh_p = sum_k gA_hat[r+p, k] a_i[k] a_j[k]: one block per pair, kVec elements per thread and
+// gh_p = sum_k gA_gen[r+p, k] a_i[k] a_j[k]: one block per pair, kVec elements per thread and
 // load, then a fixed-order block reduction (deterministic, no atomics).
 template <typename Pt, typename Wt, typename T>
 __device__ __forceinline__ void gh_block(const T* __restrict__ g, const Pt* __restrict__ A,
@@ -271,12 +271,12 @@ __device__ __forceinline__ void gh_block(const T* __restrict__ g, const Pt* __re
   }
 }
 
-// gA for columns [c0, c0 + kCols): A's r rows and gA_hat's pair rows (in batches of `batch`
+// gA for columns [c0, c0 + kCols): A's r rows and gA_gen's pair rows (in batches of `batch`
 // pairs when they do not all fit: one batch for terms "full" up to r = 33 with a 16-bit compute
 // dtype, r = 24 with float32) staged in shared memory; thread: kColsItem columns of one row i,
 // its j loop reads shared memory only (in j order, as version 1, within a batch).
 template <typename Pt, typename Wt, typename T>
-__device__ __forceinline__ void ga_block(unsigned char* smem, const T* __restrict__ gA_hat,
+__device__ __forceinline__ void ga_block(unsigned char* smem, const T* __restrict__ gA_gen,
                                          const Pt* __restrict__ A, const Pt* __restrict__ h,
                                          const int64_t* __restrict__ pi,
                                          const int64_t* __restrict__ pj, Pt* __restrict__ gA,
@@ -292,7 +292,7 @@ __device__ __forceinline__ void ga_block(unsigned char* smem, const T* __restric
   const int tid = threadIdx.x;
   int pb = min(batch, P);
   stage_cols(As, A, r, n, c0);
-  stage_cols(Gs, gA_hat + static_cast<int64_t>(r) * n, pb, n, c0);  // pairs [0, pb)
+  stage_cols(Gs, gA_gen + static_cast<int64_t>(r) * n, pb, n, c0);  // pairs [0, pb)
   for (int q = tid; q < pb; q += kNThreads) hs[q] = h[q];
   const bool rows_aligned =
       aligned16(gA) && (n * static_cast<int64_t>(sizeof(Pt))) %
@@ -306,10 +306,10 @@ __device__ __forceinline__ void ga_block(unsigned char* smem, const T* __restric
     const int kk = item % kItemsRow * kColsItem;
     const int64_t k = c0 + kk;
     const bool mine = i < r && k < n;
-    Wt g[kColsItem];  // the linear part: gA_hat[i, k ...] (loads in flight during the staging)
+    Wt g[kColsItem];  // the linear part: gA_gen[i, k ...] (loads in flight during the staging)
 #pragma unroll
     for (int e = 0; e < kColsItem; ++e)
-      g[e] = mine && k + e < n ? static_cast<Wt>(gA_hat[i * n + k + e]) : Wt(0);
+      g[e] = mine && k + e < n ? static_cast<Wt>(gA_gen[i * n + k + e]) : Wt(0);
     if (s == 0) {
       build_lut(lut, pi, pj, r, P);
       cp_async_wait_all();
@@ -319,7 +319,7 @@ __device__ __forceinline__ void ga_block(unsigned char* smem, const T* __restric
       if (p0 != staged) {  // another batch of pair rows (uniform over the block)
         __syncthreads();
         pb = min(batch, P - p0);
-        stage_cols(Gs, gA_hat + static_cast<int64_t>(r + p0) * n, pb, n, c0);
+        stage_cols(Gs, gA_gen + static_cast<int64_t>(r + p0) * n, pb, n, c0);
         for (int q = tid; q < pb; q += kNThreads) hs[q] = h[p0 + q];
         staged = p0;
         cp_async_wait_all();
@@ -380,7 +380,7 @@ __device__ __forceinline__ void gb_block(unsigned char* smem, const T* __restric
       const Wt c = (i == j) ? Wt(2) : Wt(1);
       g += c * static_cast<Wt>(gu[r + p]) * static_cast<Wt>(bu[j]);
     }
-    gB[u0 * r + q] = static_cast<Pt>(g * scaling);  // B_gen = s * B_hat
+    gB[u0 * r + q] = static_cast<Pt>(g * scaling);  // B_gen = s * B_gen
   }
 }
 
@@ -391,7 +391,7 @@ __device__ __forceinline__ void gb_block(unsigned char* smem, const T* __restric
 // n = m = 4096, r = 16 full, bf16, for 2.5 MiB read.
 template <typename Pt, typename Wt, typename T>
 __global__ void __launch_bounds__(kNThreads)
-pera_expand_backward_kernel(const T* __restrict__ gA_hat, const T* __restrict__ gB_gen,
+pera_expand_backward_kernel(const T* __restrict__ gA_gen, const T* __restrict__ gB_gen,
                             const Pt* __restrict__ A, const Pt* __restrict__ B,
                             const Pt* __restrict__ h, const int64_t* __restrict__ pi,
                             const int64_t* __restrict__ pj, Pt* __restrict__ gA,
@@ -400,9 +400,9 @@ pera_expand_backward_kernel(const T* __restrict__ gA_hat, const T* __restrict__ 
   extern __shared__ __align__(16) unsigned char smem[];
   const int b = blockIdx.x;
   if (b < P)
-    gh_block<Pt, Wt, T>(gA_hat + static_cast<int64_t>(r + b) * n, A, pi, pj, gh, b, n);
+    gh_block<Pt, Wt, T>(gA_gen + static_cast<int64_t>(r + b) * n, A, pi, pj, gh, b, n);
   else if (b < P + nbA)
-    ga_block<Pt, Wt, T>(smem, gA_hat, A, h, pi, pj, gA, r, P, n,
+    ga_block<Pt, Wt, T>(smem, gA_gen, A, h, pi, pj, gA, r, P, n,
                         static_cast<int64_t>(b - P) * kCols, batch);
   else
     gb_block<Pt, Wt, T>(smem, gB_gen, B, pi, pj, gB, r, P, m, scaling,
@@ -446,12 +446,12 @@ std::tuple<Tensor, Tensor> expand(const Tensor& A, const Tensor& B, const Tensor
   const Tensor pi = pair_i.contiguous(), pj = pair_j.contiguous();
   const int r = static_cast<int>(A.size(0)), P = static_cast<int>(pi.size(0));
   const int64_t n = A.size(1), m = B.size(0), R = r + P;
-  Tensor A_hat = at::empty({R, n}, A.options().dtype(dtype));
+  Tensor A_gen = at::empty({R, n}, A.options().dtype(dtype));
   Tensor B_gen = at::empty({m, R}, A.options().dtype(dtype));
-  maybe_poison(A_hat);
+  maybe_poison(A_gen);
   maybe_poison(B_gen);
   const int64_t total = R * n + m * R;
-  if (total == 0) return {A_hat, B_gen};
+  if (total == 0) return {A_gen, B_gen};
   const int64_t nbA = (n + kCols - 1) / kCols, nbB = (m + kRowsFwdB - 1) / kRowsFwdB;
   TORCH_CHECK(nbA + nbB < (int64_t{1} << 31), "pera_expand: problem too large");
   // shared memory: the pair list, then A's chunk and h (A role) or B's rows (B role); at most
@@ -465,21 +465,21 @@ std::tuple<Tensor, Tensor> expand(const Tensor& A, const Tensor& B, const Tensor
     pera_expand_kernel<p_t, wt_t, io_t>
         <<<static_cast<unsigned>(nbA + nbB), kNThreads, static_cast<size_t>(smem), stream>>>(
             Aw.data_ptr<p_t>(), Bw.data_ptr<p_t>(), hw.data_ptr<p_t>(), pi.data_ptr<int64_t>(),
-            pj.data_ptr<int64_t>(), A_hat.data_ptr<io_t>(), B_gen.data_ptr<io_t>(), r, P, n, m,
+            pj.data_ptr<int64_t>(), A_gen.data_ptr<io_t>(), B_gen.data_ptr<io_t>(), r, P, n, m,
             static_cast<wt_t>(scaling), static_cast<int>(nbA));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {A_hat, B_gen};
+  return {A_gen, B_gen};
 }
 
-std::tuple<Tensor, Tensor, Tensor> expand_backward(const Tensor& gA_hat, const Tensor& gB_gen,
+std::tuple<Tensor, Tensor, Tensor> expand_backward(const Tensor& gA_gen, const Tensor& gB_gen,
                                                    const Tensor& A, const Tensor& B,
                                                    const Tensor& h, const Tensor& pair_i,
                                                    const Tensor& pair_j, double scaling) {
   POLYKERN_SCOPE("polykern::pera_expand_backward");
-  const auto pt = gen_param_dtype(A.scalar_type(), gA_hat.scalar_type());
+  const auto pt = gen_param_dtype(A.scalar_type(), gA_gen.scalar_type());
   const Tensor Aw = as_dtype(A, pt), Bw = as_dtype(B, pt), hw = as_dtype(h, pt);
-  const Tensor gAh = gA_hat.contiguous(), gBg = gB_gen.contiguous();
+  const Tensor gAh = gA_gen.contiguous(), gBg = gB_gen.contiguous();
   const Tensor pi = pair_i.contiguous(), pj = pair_j.contiguous();
   const int r = static_cast<int>(A.size(0)), P = static_cast<int>(pi.size(0));
   const int64_t n = A.size(1), m = B.size(0), R = r + P;
@@ -487,7 +487,7 @@ std::tuple<Tensor, Tensor, Tensor> expand_backward(const Tensor& gA_hat, const T
   Tensor gh = at::empty({P}, Aw.options());
   maybe_poison(gA); maybe_poison(gB); maybe_poison(gh);
   // Shared memory (one size for every block): the r x r pair table, then the larger of
-  // - gA role: A's r rows of kCols columns, then `batch` pair rows of gA_hat and their h (all P
+  // - gA role: A's r rows of kCols columns, then `batch` pair rows of gA_gen and their h (all P
   //   at once when they fit the budget: r <= 33 full with 16-bit T, r <= 24 with float32);
   // - gB role: `rows_b` rows of gB_gen and of B, about one (u, i) per thread.
   const int64_t ps = Aw.element_size(), ts = gAh.element_size();
@@ -532,25 +532,19 @@ std::tuple<Tensor, Tensor> pera_expand_op(const Tensor& A, const Tensor& B, cons
   return expand(A, B, h, pair_i, pair_j, scaling, dtype);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pera_linear_op(
+std::tuple<Tensor, Tensor, Tensor, Tensor> pera_linear_op(
     const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias, const Tensor& A,
     const Tensor& B, const Tensor& h, const Tensor& pair_i, const Tensor& pair_j,
-    double scaling, const std::optional<Tensor>& x_adapter, bool keep_merged) {
+    double scaling, const std::optional<Tensor>& x_adapter) {
   {
     POLYKERN_SCOPE("polykern::checks");
     check_linear_inputs("pera_linear", x, W, bias, x_adapter);
     check_pera_params("pera_linear", x, A, B, h, pair_i, pair_j, W.size(1), W.size(0));
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  GraphKey key;
-  key.add(int64_t{101}).add(x).add(W).add(bias).add(A).add(B).add(h).add(pair_i).add(pair_j);
-  key.add(scaling).add(x_adapter).add(int64_t{keep_merged});
-  auto o = run_graphed(std::move(key), graph_work(x, W), [&]() -> std::vector<Tensor> {
-    auto [A_hat, B_gen] = expand(A, B, h, pair_i, pair_j, scaling, x.scalar_type());
-    auto [y, U, W_merged] = adapter_forward(x, W, bias, A_hat, B_gen, x_adapter, keep_merged);
-    return {y, U, A_hat, B_gen, W_merged};
-  });
-  return {o[0], o[1], o[2], o[3], o[4]};
+  auto [A_gen, B_gen] = expand(A, B, h, pair_i, pair_j, scaling, x.scalar_type());
+  auto [y, U] = adapter_forward(x, W, bias, A_gen, B_gen, x_adapter);
+  return {y, U, A_gen, B_gen};
 }
 
 Tensor pera_linear_inference_op(const Tensor& x, const Tensor& W,
@@ -560,41 +554,29 @@ Tensor pera_linear_inference_op(const Tensor& x, const Tensor& W,
   check_linear_inputs("pera_linear_inference", x, W, bias, std::nullopt);
   check_pera_params("pera_linear_inference", x, A, B, h, pair_i, pair_j, W.size(1), W.size(0));
   const c10::cuda::CUDAGuard guard(x.device());
-  GraphKey key;
-  key.add(int64_t{102}).add(x).add(W).add(bias).add(A).add(B).add(h).add(pair_i).add(pair_j);
-  key.add(scaling);
-  return run_graphed(std::move(key), graph_work(x, W), [&]() -> std::vector<Tensor> {
-    auto [A_hat, B_gen] = expand(A, B, h, pair_i, pair_j, scaling, x.scalar_type());
-    return {adapter_linear(x, W, bias, A_hat, B_gen)};
-  })[0];
+  auto [A_gen, B_gen] = expand(A, B, h, pair_i, pair_j, scaling, x.scalar_type());
+  return adapter_linear(x, W, bias, A_gen, B_gen);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pera_linear_backward_op(
     const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& x_adapter,
     const Tensor& W, const Tensor& A, const Tensor& B, const Tensor& h, const Tensor& pair_i,
-    const Tensor& pair_j, double scaling, const Tensor& U, const Tensor& A_hat,
-    const Tensor& B_gen, std::array<bool, 3> output_mask,
-    const std::optional<Tensor>& W_merged) {
+    const Tensor& pair_j, double scaling, const Tensor& U, const Tensor& A_gen,
+    const Tensor& B_gen, std::array<bool, 3> output_mask) {
   check_cuda(grad_y, "grad_y", x);
   const c10::cuda::CUDAGuard guard(x.device());
-  GraphKey key;
-  key.add(int64_t{103}).add(grad_y).add(x).add(x_adapter).add(W).add(A).add(B).add(h);
-  key.add(pair_i).add(pair_j).add(scaling).add(U).add(A_hat).add(B_gen).add(W_merged);
-  key.add(int64_t{output_mask[0]}).add(int64_t{output_mask[1]}).add(int64_t{output_mask[2]});
-  auto o = run_graphed(std::move(key), graph_work(x, W), [&]() -> std::vector<Tensor> {
-    auto [gX, gXa, gA_hat, gB_gen] = adapter_backward(grad_y, x, x_adapter, W, A_hat, B_gen, U,
-                                                      output_mask[0], output_mask[1],
-                                                      output_mask[2], W_merged);
-    Tensor gA, gB, gh;
-    if (output_mask[2]) {
-      std::tie(gA, gB, gh) = expand_backward(gA_hat, gB_gen, A, B, h, pair_i, pair_j, scaling);
-    } else {
-      gA = at::empty({0}, A.options()); gB = at::empty({0}, B.options());
-      gh = at::empty({0}, h.options());
-    }
-    return {gX, gXa, gA, gB, gh};
-  });
-  return {o[0], o[1], o[2], o[3], o[4]};
+  auto [gX, gXa, gA_gen, gB_gen] = adapter_backward(grad_y, x, x_adapter, W, A_gen, B_gen, U,
+                                                    output_mask[0], output_mask[1],
+                                                    output_mask[2]);
+  Tensor gA, gB, gh;
+  if (output_mask[2]) {
+    std::tie(gA, gB, gh) = expand_backward(gA_gen, gB_gen, A, B, h, pair_i, pair_j, scaling);
+  } else {
+    gA = at::empty({0}, A.options());
+    gB = at::empty({0}, B.options());
+    gh = at::empty({0}, h.options());
+  }
+  return {gX, gXa, gA, gB, gh};
 }
 
 }  // namespace

@@ -2,25 +2,25 @@
 ``csrc/*.cu``), with their fake (meta) implementations and autograd formulas.
 
 One forward op and one backward op per method, so that a training step costs two dispatches on the
-host: ``pera_linear`` / ``genlora_linear`` return ``(y, U, A, B, W_merged)`` where
-``U = x_a A^T (N, R)`` and the generated factors ``A (R, in)`` and ``B (out, R)`` (scaling folded
-into B, compute dtype) are kept for the backward, and ``W_merged = W + B A`` when the caller asked
-for it (``keep_merged``), the forward merged and the keep policy says keeping pays (else an empty
-tensor); ``*_linear_backward`` returns the input gradients and, through the generator's chain
-rule, the gradients of the adapter parameters.
+host: ``pera_linear`` / ``genlora_linear`` return ``(y, U, A_gen, B_gen)`` where
+``U = x_a A_gen^T (N, R)`` and the generated factors ``A_gen (R, in)`` and ``B_gen (out, R)``
+(scaling folded in, compute dtype) are kept for the backward; ``*_linear_backward`` returns the
+input gradients and, through the generator's chain rule, the gradients of the adapter parameters.
 
 The entry points below pick one of three ops per call: ``*_linear_eager`` in plain eager autograd
 (one C++ autograd node, ``csrc/autograd.cpp``), ``*_linear_inference`` when nothing needs a
 gradient (y alone), and ``*_linear`` with the autograd formula registered here under
-``torch.compile`` and ``torch.func``. ``set_merge_policy`` chooses how the adapter core adds the
-adapter's share, and whether the eager path keeps the merged weight for the backward
-(``csrc/README.md``).
+``torch.compile``. Under ``torch.func`` transforms and forward-mode AD, and for ranks beyond the
+kernels' limits, they run the reference (``polykern.reference``), which composes with every
+transform. ``set_merge_policy`` chooses how the adapter core adds the adapter's share
+(``docs/DESIGN.md``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -37,8 +37,8 @@ except ImportError as e:  # no CUDA build: the reference path serves
 
 __all__ = ["cuda_available", "extension_loaded", "pera_linear", "genlora_linear",
            "pera_expand", "genlora_expand", "set_merge_policy", "get_merge_policy",
-           "get_keep_policy", "merge_policy", "set_op_graphs", "clear_op_graphs",
-           "op_graph_stats"]
+           "merge_policy", "PERA_MAX_RANK", "GENLORA_MAX_RANK", "GENLORA_MAX_NUM_RBF",
+           "GENLORA_MAX_LATENT_DIM"]
 
 
 def extension_loaded() -> bool:
@@ -75,41 +75,34 @@ if extension_loaded():
                                                         None if bias is None else bias.dtype)
                 and torch.ops.polykern._fused_gemm_on(x.device.index or 0))
 
-    def _fake_forward(x, weight, bias, R, x_adapter, keep_merged):
+    def _fake_forward(x, weight, R):
         n, m = x.shape[-1], weight.shape[0]
         N = math.prod(x.shape[:-1])
         y = x.new_empty((*x.shape[:-1], m))
-        # the C++ decision itself (adapter_core.cpp); N is concrete wherever keep_merged is set
-        keeps = (keep_merged and x_adapter is None
-                 and torch.ops.polykern._keeps_merged(int(N), int(n), int(m))
-                 and not _fused_gemm(int(N), int(n), int(m), R, x, bias))
-        W_merged = x.new_empty((m, n) if keeps else (0,))
-        return (y, x.new_empty((N, R)), x.new_empty((R, n)), x.new_empty((m, R)), W_merged)
+        return y, x.new_empty((N, R)), x.new_empty((R, n)), x.new_empty((m, R))
 
     @torch.library.register_fake("polykern::pera_linear")
-    def _(x, weight, bias, A, B, h, pair_i, pair_j, scaling, x_adapter, keep_merged=False):
+    def _(x, weight, bias, A, B, h, pair_i, pair_j, scaling, x_adapter):
         torch._check(x.shape[-1] == A.shape[1], lambda: "x and lora_A disagree on in_features")
         torch._check(weight.shape[1] == A.shape[1], lambda: "weight and lora_A disagree on in")
         torch._check(B.shape[0] == weight.shape[0], lambda: "lora_B and weight disagree on out")
         # R from h's (static) length, not pair_i's: under torch.compile the cached pair tensors
         # are constants whose sizes would be unbacked symbols.
-        return _fake_forward(x, weight, bias, A.shape[0] + h.shape[0], x_adapter,
-                             keep_merged)
+        return _fake_forward(x, weight, A.shape[0] + h.shape[0])
 
     @torch.library.register_fake("polykern::genlora_linear")
-    def _(x, weight, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling, x_adapter,
-          keep_merged=False):
+    def _(x, weight, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling, x_adapter):
         torch._check(x.shape[-1] == Z_A.shape[0], lambda: "x and the A latent disagree on in")
         torch._check(weight.shape[0] == Z_B.shape[0], lambda: "weight and the B latent disagree")
-        return _fake_forward(x, weight, bias, M_A.shape[0], x_adapter, keep_merged)
+        return _fake_forward(x, weight, M_A.shape[0])
 
     def _empty_like_or_none(t, needed):
         # the real kernels return contiguous tensors (or an empty one when not asked for)
         return t.new_empty(t.shape) if needed else t.new_empty((0,))
 
     @torch.library.register_fake("polykern::pera_linear_backward")
-    def _(grad_y, x, x_adapter, weight, A, B, h, pair_i, pair_j, scaling, U, A_hat, B_hat,
-          output_mask, W_merged=None):
+    def _(grad_y, x, x_adapter, weight, A, B, h, pair_i, pair_j, scaling, U, A_gen, B_gen,
+          output_mask):
         gx, gxa, gp = output_mask
         return (_empty_like_or_none(x, gx),
                 _empty_like_or_none(x, gxa and x_adapter is not None),
@@ -117,8 +110,8 @@ if extension_loaded():
                 _empty_like_or_none(h, gp))
 
     @torch.library.register_fake("polykern::genlora_linear_backward")
-    def _(grad_y, x, x_adapter, weight, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling, U, A, B,
-          output_mask, W_merged=None):
+    def _(grad_y, x, x_adapter, weight, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling, U,
+          A_gen, B_gen, output_mask):
         gx, gxa, gp = output_mask
         return (_empty_like_or_none(x, gx),
                 _empty_like_or_none(x, gxa and x_adapter is not None),
@@ -161,29 +154,25 @@ if extension_loaded():
         x, weight, bias = inputs[:3]
         params = inputs[3:3 + n_params]
         x_adapter = inputs[scaling_idx + 1]
-        _, U, A_gen, B_gen, W_merged = output
-        # U, the generated factors (and W_merged) are kept for the backward, not differentiated
-        ctx.mark_non_differentiable(U, A_gen, B_gen, W_merged)
+        _, U, A_gen, B_gen = output
+        # U and the generated factors are kept for the backward, not differentiated
+        ctx.mark_non_differentiable(U, A_gen, B_gen)
         ctx.scaling = inputs[scaling_idx]
-        ctx.save_for_backward(x, x_adapter, weight, U, A_gen, B_gen, W_merged, *params)
+        ctx.save_for_backward(x, x_adapter, weight, U, A_gen, B_gen, *params)
 
     def _mask(ctx, x_adapter, param_slice, xa_idx):
         return [bool(ctx.needs_input_grad[0]),
                 bool(x_adapter is not None and ctx.needs_input_grad[xa_idx]),
                 any(ctx.needs_input_grad[param_slice])]
 
-    def _kept(W_merged):
-        return W_merged if W_merged.numel() > 0 else None
-
     def _pera_setup(ctx, inputs, output):
         _setup(ctx, inputs, output, 5, 8)   # saved: A, B, h, pair_i, pair_j; scaling at 8
 
-    def _pera_backward(ctx, grad_y, _gU, _gA, _gB, _gW):
-        x, x_adapter, weight, U, A_hat, B_hat, W_merged, A, B, h, pair_i, pair_j = \
-            ctx.saved_tensors
+    def _pera_backward(ctx, grad_y, _gU, _gA, _gB):
+        x, x_adapter, weight, U, A_gen, B_gen, A, B, h, pair_i, pair_j = ctx.saved_tensors
         gx, gxa, gA, gB, gh = torch.ops.polykern.pera_linear_backward(
-            grad_y, x, x_adapter, weight, A, B, h, pair_i, pair_j, ctx.scaling, U, A_hat, B_hat,
-            _mask(ctx, x_adapter, slice(3, 6), 9), _kept(W_merged))
+            grad_y, x, x_adapter, weight, A, B, h, pair_i, pair_j, ctx.scaling, U, A_gen, B_gen,
+            _mask(ctx, x_adapter, slice(3, 6), 9))
         gW, gb = _base_grads(ctx, grad_y, x, weight)
         n = ctx.needs_input_grad
         return (gx if n[0] else None, gW, gb, gA if n[3] else None, gB if n[4] else None,
@@ -192,11 +181,11 @@ if extension_loaded():
     def _genlora_setup(ctx, inputs, output):
         _setup(ctx, inputs, output, 8, 11)
 
-    def _genlora_backward(ctx, grad_y, _gU, _gA, _gB, _gW):
-        x, x_adapter, weight, U, A, B, W_merged, *params = ctx.saved_tensors
+    def _genlora_backward(ctx, grad_y, _gU, _gA, _gB):
+        x, x_adapter, weight, U, A_gen, B_gen, *params = ctx.saved_tensors
         grads = torch.ops.polykern.genlora_linear_backward(
-            grad_y, x, x_adapter, weight, *params, ctx.scaling, U, A, B,
-            _mask(ctx, x_adapter, slice(3, 11), 12), _kept(W_merged))
+            grad_y, x, x_adapter, weight, *params, ctx.scaling, U, A_gen, B_gen,
+            _mask(ctx, x_adapter, slice(3, 11), 12))
         gW, gb = _base_grads(ctx, grad_y, x, weight)
         n = ctx.needs_input_grad
         gparams = [g if n[3 + k] else None for k, g in enumerate(grads[2:])]
@@ -209,122 +198,100 @@ if extension_loaded():
                                     setup_context=_genlora_setup)
 
 
-# Eager fast path. The registered autograd above is what torch.compile, opcheck, torch.func and
-# direct torch.ops callers use; in plain eager mode the modules call ``*_linear_eager`` instead,
-# which records one C++ autograd node (csrc/autograd.cpp) around the same forward and backward
-# ops, and under no_grad ``*_linear_inference``, which computes y alone. On the H100 machine's
-# host every ATen call costs about 25 us and a Python autograd.Function step as much again
-# (bench/host_overhead.py); below N = 8192 that host time is most of the adapter's cost.
-def _eager() -> bool:
-    """Plain eager autograd: not tracing for torch.compile, no torch.func transform active."""
-    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+# ------------------------------------------------------------------------------------------------
+# Options and entry points used by the modules (same signatures as the reference functions).
+# ------------------------------------------------------------------------------------------------
+def _option(name: str, value: int = -1) -> int:
+    """A process-wide switch of the CUDA ops (``csrc/config.cpp``): sets it when ``value >= 0``
+    and returns the previous value. For tests and benchmarks; users have the policies below."""
+    if not extension_loaded():
+        raise RuntimeError("polykern: the CUDA extension is not loaded; its options only apply "
+                           "to the CUDA ops")
+    return int(torch.ops.polykern._config(name, value))
 
 
-# ------------------------------------------------------------------------------------------------
-# Entry points used by the modules (same signatures as the reference functions).
-# ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _option_set(name: str, value: int):
+    """:func:`_option` for the duration of a block, then the previous value again."""
+    old = _option(name, value)
+    try:
+        yield
+    finally:
+        _option(name, old)
+
+
 _POLICIES = {"auto": 0, "always": 1, "never": 2}
 
 
-def _policy_code(policy: str, what: str) -> int:
-    if policy not in _POLICIES:
-        raise ValueError(f"unknown {what} policy {policy!r}: expected one of {tuple(_POLICIES)}")
-    if not extension_loaded():
-        raise RuntimeError(f"polykern: the CUDA extension is not loaded; the {what} policy only "
-                           "applies to the CUDA ops")
-    return _POLICIES[policy]
-
-
-def _policy_name(code: int) -> str:
-    return next(k for k, v in _POLICIES.items() if v == code)
-
-
-def set_merge_policy(policy: str, keep: Optional[str] = None) -> None:
+def set_merge_policy(policy: str) -> None:
     """How the CUDA adapter core adds the adapter's share to y (forward) and gX (backward):
-    ``"auto"`` (default) merges ``W + s B_hat A_hat`` into one GEMM operand when the rows N exceed
+    ``"auto"`` (default) merges ``W + s B_gen A_gen`` into one GEMM operand when the rows N exceed
     1.5x the reduced dimension (fewer bytes than a second pass over the activation), ``"always"``
-    merges, ``"never"`` accumulates ``U B_hat^T`` into y with beta = 1. Process-wide; both give
-    the same result up to rounding (see csrc/README.md).
-
-    ``keep`` (left as it is when ``None``): whether a merged training forward in eager mode keeps
-    the merged weight (out_features x in_features) for the backward instead of building it again
-    there, or instead of adding ``gU A_hat`` into gX with beta = 1 where the backward would not
-    merge. ``"auto"`` (default) keeps it when the copy is at most half the size of the layer's
-    input and output together, ``2 in out <= N (in + out)``; ``"always"`` keeps it whenever the
-    forward merged; ``"never"`` rebuilds (the least memory). The adapter's gradients are the same
-    bit for bit either way, and so is gX where the backward would merge too; elsewhere gX rounds
-    differently (``gY W_m`` against ``gY W + gU A_hat``), both within the reference's error."""
-    code = _policy_code(policy, "merge")
-    keep_code = None if keep is None else _policy_code(keep, "keep")
-    torch.ops.polykern.set_merge_policy(code)
-    if keep_code is not None:
-        torch.ops.polykern.set_keep_policy(keep_code)
+    merges, ``"never"`` accumulates ``U B_gen^T`` into y with beta = 1. Process-wide; both give
+    the same result up to rounding. The merged weight lives only inside the op that builds it."""
+    if policy not in _POLICIES:
+        raise ValueError(f"unknown merge policy {policy!r}: expected one of {tuple(_POLICIES)}")
+    _option("merge", _POLICIES[policy])
 
 
 def get_merge_policy() -> str:
     """The current merge policy (see :func:`set_merge_policy`)."""
     if not extension_loaded():
         return "auto"
-    return _policy_name(torch.ops.polykern.get_merge_policy())
-
-
-def get_keep_policy() -> str:
-    """Whether merged forwards keep the merged weight (``keep`` of :func:`set_merge_policy`)."""
-    if not extension_loaded():
-        return "auto"
-    return _policy_name(torch.ops.polykern.get_keep_policy())
+    code = _option("merge")
+    return next(k for k, v in _POLICIES.items() if v == code)
 
 
 @contextlib.contextmanager
-def merge_policy(policy: str, keep: Optional[str] = None):
-    """Context manager form of :func:`set_merge_policy` (restores the previous policies)."""
-    old, old_keep = get_merge_policy(), get_keep_policy()
-    set_merge_policy(policy, keep)
+def merge_policy(policy: str):
+    """Context manager form of :func:`set_merge_policy` (restores the previous policy)."""
+    old = get_merge_policy()
+    set_merge_policy(policy)
     try:
         yield
     finally:
-        set_merge_policy(old, old_keep)
+        set_merge_policy(old)
 
 
-def set_op_graphs(enabled: bool, budget_mb: Optional[int] = None) -> bool:
-    """Whether the CUDA ops replay their GPU work as cached CUDA graphs (on by default;
-    ``POLYKERN_OP_GRAPHS=0`` at start turns it off). Returns the previous setting.
-
-    A call whose inputs (addresses, shapes, strides, dtypes), scalars and policies match an
-    earlier call is captured once and then replayed: one graph launch instead of about five GPU
-    calls per op, which is what an eager step costs on the host at small N (csrc/README.md,
-    version 11). A replay rewrites the memory of the outputs it returned the time before, so it
-    is only taken when nothing outside polykern still holds those outputs; otherwise a second
-    graph is made for the same call, or the op runs as usual. The results are the same bit for
-    bit. Graphs keep their outputs' and temporaries' memory reserved until
-    :func:`clear_op_graphs`; no new graphs are made once they hold ``budget_mb`` MiB together
-    (default 1024, or ``POLYKERN_OP_GRAPH_MB``; ``None`` leaves it as it is)."""
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {enabled!r}")
-    if budget_mb is not None and (not isinstance(budget_mb, int) or isinstance(budget_mb, bool)
-                                  or budget_mb < 0):
-        raise ValueError(f"budget_mb must be a non-negative int, got {budget_mb!r}")
-    if not extension_loaded():
-        return False
-    if budget_mb is not None:
-        torch.ops.polykern._set_op_graph_budget(budget_mb)
-    return bool(torch.ops.polykern._set_op_graphs(int(enabled)))
+# The CUDA kernels' size limits (csrc/pera_cuda.cu kMaxRank, csrc/genlora_cuda.cu kMaxR, kMaxK,
+# kMaxD); larger adapters run the reference, which takes any size.
+PERA_MAX_RANK = 64
+GENLORA_MAX_RANK = 128
+GENLORA_MAX_NUM_RBF = 256
+GENLORA_MAX_LATENT_DIM = 8
+_WARNED_LIMITS = set()
 
 
-def clear_op_graphs() -> None:
-    """Destroy the cached op graphs (after a device synchronisation) and release their memory
-    pools; tensors they returned stay valid."""
-    if extension_loaded():
-        torch.ops.polykern._clear_op_graphs()
+def _within_limits(method: str, sizes: dict, limits: dict) -> bool:
+    """Whether the CUDA kernels take these sizes; else warns once per (method, sizes)."""
+    over = {k: v for k, v in sizes.items() if v > limits[k]}
+    if not over:
+        return True
+    key = (method, tuple(sorted(sizes.items())))
+    if key not in _WARNED_LIMITS:
+        _WARNED_LIMITS.add(key)
+        said = ", ".join(f"{k}={v} (kernel limit {limits[k]})" for k, v in over.items())
+        warnings.warn(f"polykern: {method} with {said} is beyond the CUDA kernels; this layer "
+                      "runs the pure-PyTorch reference (correct, slower)", stacklevel=3)
+    return False
 
 
-def op_graph_stats() -> dict:
-    """``{"graphs", "bytes", "replays", "captures"}``: the cached op graphs, the GPU memory their
-    pools reserved, and the replays and captures since the process started."""
-    if not extension_loaded():
-        return {"graphs": 0, "bytes": 0, "replays": 0, "captures": 0}
-    g, b, r, c = torch.ops.polykern._op_graph_stats()
-    return {"graphs": g, "bytes": b, "replays": r, "captures": c}
+def _reference_only() -> bool:
+    """A torch.func transform or forward-mode AD is active: the ops have no forward-mode formula
+    and their registered autograd does not compose with functorch, so the reference serves."""
+    return (torch._C._are_functorch_transforms_active()
+            or torch.autograd.forward_ad._current_level >= 0)
+
+
+# Eager fast path. The registered autograd above is what torch.compile, opcheck and direct
+# torch.ops callers use; in plain eager mode the modules call ``*_linear_eager`` instead, which
+# records one C++ autograd node (csrc/autograd.cpp) around the same forward and backward ops, and
+# under no_grad ``*_linear_inference``, which computes y alone. On the H100 machine's host every
+# ATen call costs about 25 us and a Python autograd.Function step as much again; below N = 8192
+# that host time is a large part of the adapter's cost.
+def _eager() -> bool:
+    """Plain eager autograd: not tracing for torch.compile."""
+    return not torch.compiler.is_compiling()
 
 
 def _no_grad_needed(*tensors) -> bool:
@@ -337,6 +304,9 @@ def _no_grad_needed(*tensors) -> bool:
 def pera_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, h: Tensor,
                 scaling: float, terms: str, x_adapter: Optional[Tensor] = None) -> Tensor:
     """CUDA PERA-adapted linear; same contract as ``reference.pera_linear``."""
+    if _reference_only() or not _within_limits("PERA", {"r": A.shape[0]},
+                                               {"r": PERA_MAX_RANK}):
+        return reference.pera_linear(x, W, bias, A, B, h, scaling, terms, x_adapter)
     pair_i, pair_j = reference.pera_pairs(A.shape[0], terms, A.device)
     if _eager():
         if x_adapter is None and _no_grad_needed(x, W, bias, A, B, h):
@@ -352,6 +322,12 @@ def genlora_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], Z_A: Tensor, C_
                    g_A: Tensor, M_A: Tensor, Z_B: Tensor, C_B: Tensor, g_B: Tensor, M_B: Tensor,
                    scaling: float, x_adapter: Optional[Tensor] = None) -> Tensor:
     """CUDA GenLoRA-adapted linear; same contract as ``reference.genlora_linear``."""
+    if _reference_only() or not _within_limits(
+            "GenLoRA", {"r": M_A.shape[0], "num_rbf": M_A.shape[1], "latent_dim": Z_A.shape[1]},
+            {"r": GENLORA_MAX_RANK, "num_rbf": GENLORA_MAX_NUM_RBF,
+             "latent_dim": GENLORA_MAX_LATENT_DIM}):
+        return reference.genlora_linear(x, W, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B,
+                                        scaling, x_adapter)
     if _eager():
         if x_adapter is None and _no_grad_needed(x, W, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B,
                                                  M_B):
@@ -365,7 +341,7 @@ def genlora_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], Z_A: Tensor, C_
 
 def pera_expand(A: Tensor, B: Tensor, h: Tensor, terms: str, scaling: float = 1.0,
                 dtype: Optional[torch.dtype] = None):
-    """``(A_hat (R, in), s * B_hat (out, R))`` from the CUDA generator kernel (no autograd)."""
+    """``(A_gen (R, in), s * B_gen (out, R))`` from the CUDA generator kernel (no autograd)."""
     pair_i, pair_j = reference.pera_pairs(A.shape[0], terms, A.device)
     return torch.ops.polykern.pera_expand(A, B, h, pair_i, pair_j, float(scaling),
                                           dtype or A.dtype)
