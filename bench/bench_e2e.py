@@ -1,0 +1,291 @@
+"""End-to-end fine-tuning benchmark: a Llama-3-8B-shaped model (random weights, no hub access),
+adapters on all seven projections of every decoder layer, one training step = forward + LM loss +
+backward + fused AdamW on the trainable parameters. Per (implementation, workload, checkpointing):
+the median step time over the timed steps after warm-up, tokens/s, the peak allocated memory
+above the weights (model, adapters) during the timed steps, and the loss of the first and last
+timed step (finite; the adapters train on a fixed token pool, so it goes down).
+
+Workloads: ``4x2048`` and ``1x2048`` (fixed length), ``varlen4x1024-2048`` and
+``varlen1x1024-2048`` (a new length every step, uniform in [1024, 2048], fixed seed: what padding
+each batch to its longest sequence gives). ``--new-n`` adds per-layer rows: 50 training steps of
+one 4096 x 4096 layer, each at a token count not seen before, against the frozen layer doing the
+same.
+
+    python bench/bench_e2e.py --json bench/results/e2e_h100.json
+    python bench/bench_e2e.py --impls frozen,polykern_pera_full --workloads 4x2048 --layers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import random
+import statistics
+import sys
+import time
+
+IMPLS = ("frozen", "peft_lora_bf16", "peft_lora_fp32", "polykern_lora", "polykern_pera_full",
+         "polykern_pera_square", "polykern_genlora", "authors_pera", "reference_pera",
+         "peft_bridge_pera")
+WORKLOADS = ("4x2048", "1x2048", "varlen4x1024-2048", "varlen1x1024-2048")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK = 16
+
+
+def need_gpu():
+    """The benchmark needs a CUDA GPU, torch with CUDA, transformers and peft: say so and exit 2."""
+    try:
+        import torch
+        import transformers  # noqa: F401
+        import peft  # noqa: F401
+    except ImportError as e:
+        sys.exit(f"bench_e2e.py needs torch, transformers and peft: {e}")
+    if not torch.cuda.is_available():
+        sys.exit("bench_e2e.py needs a CUDA GPU (torch.cuda.is_available() is False)")
+    import polykern
+    if not polykern.cuda_available():
+        sys.exit("bench_e2e.py needs polykern's CUDA extension built for this GPU "
+                 "(polykern.cuda_available() is False)")
+
+
+def llama_config(layers: int, vocab: int):
+    from transformers import LlamaConfig
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                       num_key_value_heads=8, num_hidden_layers=layers, vocab_size=vocab,
+                       max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       attn_implementation="sdpa", use_cache=False)
+
+
+def build_model(impl: str, config):
+    """The model for ``impl`` on the GPU in bf16, frozen except the adapters."""
+    import torch
+    from transformers import LlamaForCausalLM
+    import polykern
+    from polykern import PeraLinear, reference
+
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    model.requires_grad_(False)
+    if impl == "frozen":
+        model.enable_input_require_grads()  # the backward still runs through every layer
+    elif impl.startswith("peft_lora"):
+        from peft import LoraConfig, get_peft_model
+        cfg = LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=TARGETS)
+        model = get_peft_model(model, cfg, autocast_adapter_dtype=(impl == "peft_lora_fp32"))
+    elif impl == "peft_bridge_pera":
+        from peft import LoraConfig, get_peft_model
+        import polykern.peft
+        cfg = LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=TARGETS)
+        polykern.peft.register(cfg, method="pera", terms="full")
+        model = get_peft_model(model, cfg, autocast_adapter_dtype=False)
+    else:
+        method, opts = {
+            "polykern_lora": ("lora", {}),
+            "polykern_pera_full": ("pera", {"terms": "full"}),
+            "polykern_pera_square": ("pera", {"terms": "square"}),
+            "polykern_genlora": ("genlora", {"num_rbf": 32}),
+            "authors_pera": ("pera", {"terms": "full"}),
+            "reference_pera": ("pera", {"terms": "full"}),
+        }[impl]
+        polykern.inject_adapters(model, TARGETS, method=method, r=RANK, **opts)
+        if impl in ("authors_pera", "reference_pera"):
+            fn = reference.pera_linear_authors if impl == "authors_pera" else reference.pera_linear
+
+            class Baseline(PeraLinear):  # the same parameters, another formulation of the math
+                def _adapted(self, x, W, bias, x_adapter):
+                    return fn(x, W, bias, self.lora_A, self.lora_B, self.pera_h, self.scaling,
+                              self.terms, x_adapter)
+            for m in model.modules():
+                if isinstance(m, PeraLinear):
+                    m.__class__ = Baseline
+    return model
+
+
+def lengths_for(workload: str, steps: int, seed: int = 0):
+    """(batch, [sequence length per step])."""
+    batch = int(workload.removeprefix("varlen").split("x")[0])
+    if workload.startswith("varlen"):
+        lo, hi = (int(v) for v in workload.split("x")[1].split("-"))
+        rng = random.Random(seed)
+        return batch, [rng.randint(lo, hi) for _ in range(steps)]
+    return batch, [int(workload.split("x")[1])] * steps
+
+
+def run_case(model, impl, workload, ckpt, config, warmup, steps):
+    import torch
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3, fused=True) if trainable else None
+    batch, lens = lengths_for(workload, warmup + steps)
+    gen = torch.Generator("cuda").manual_seed(1)
+    pool = torch.randint(0, config.vocab_size, (batch, max(lens)), device="cuda", generator=gen)
+    torch.cuda.synchronize()
+    weights = torch.cuda.memory_allocated()
+    times, losses = [], []
+    for i, length in enumerate(lens):
+        if i == warmup:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        ids = pool[:, :length]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            losses.append(float(loss))
+        del loss
+    peak = torch.cuda.max_memory_allocated() - weights
+    tokens = batch * sum(lens[warmup:])
+    row = {"impl": impl, "workload": workload, "checkpointing": ckpt,
+           "step_ms": round(1e3 * statistics.median(times), 2),
+           "tokens_per_s": round(tokens / sum(times)),
+           "peak_mib_above_weights": round(peak / 2**20),
+           "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
+           "steps": steps, "trainable_params": sum(p.numel() for p in trainable)}
+    del opt, trainable, pool
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def new_n_rows(count=50, n=4096, m=4096):
+    """A training step of one layer at `count` token counts never seen before (first calls),
+    against the frozen nn.Linear doing the same: total seconds and the ratio."""
+    import torch
+    import torch.nn as nn
+    import polykern
+    rows = []
+    torch.manual_seed(0)
+    base = nn.Linear(n, m, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    layers = {"frozen": base,
+              "polykern_lora": polykern.PeraLinear.from_linear(base, r=RANK, terms="none"),
+              "polykern_pera_full": polykern.PeraLinear.from_linear(base, r=RANK, terms="full"),
+              "polykern_genlora": polykern.GenLoraLinear.from_linear(base, r=RANK, num_rbf=32)}
+    # each implementation sees its own token counts, none seen before in the process
+    counts = random.Random(3).sample(range(1024, 8192), len(layers) * count)
+    x_all = torch.randn(max(counts), n, device="cuda", dtype=torch.bfloat16)
+    for k, (name, layer) in enumerate(layers.items()):
+        mine = counts[k::len(layers)]
+        total = 0.0
+        for N in mine:
+            x = x_all[:N].clone().requires_grad_()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            layer(x).sum().backward()
+            torch.cuda.synchronize()
+            total += time.perf_counter() - t0
+        rows.append({"impl": name, "workload": f"layer{n}x{m}_new_N_x{count}",
+                     "checkpointing": False, "total_ms": round(1e3 * total, 2),
+                     "ms_per_new_N": round(1e3 * total / count, 3)})
+    frozen = rows[0]["total_ms"]
+    for r in rows:
+        r["ratio_to_frozen"] = round(r["total_ms"] / frozen, 3)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--checkpointing", default="off,on", help="off, on, or off,on")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--new-n", action="store_true", help="add the per-layer new-N rows")
+    p.add_argument("--ab", default="",
+                   help="comma-separated NAME=VALUE settings of polykern's CUDA options "
+                        "(csrc/config.cpp): each polykern case runs again under each one, in the "
+                        "same process on the same model, for the A/B rows that justify a default")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    need_gpu()
+    import torch
+    from polykern import ops
+    impls = [i for i in args.impls.split(",") if i]
+    workloads = [w for w in args.workloads.split(",") if w]
+    bad = [i for i in impls if i not in IMPLS] + [w for w in workloads if w not in WORKLOADS]
+    if bad:
+        sys.exit(f"unknown implementations or workloads: {bad}; known: {IMPLS}, {WORKLOADS}")
+    ckpts = [{"off": False, "on": True}[c] for c in args.checkpointing.split(",")]
+    config = llama_config(args.layers, args.vocab)
+    settings = [{}] + [dict([(kv.split("=")[0], int(kv.split("=")[1]))])
+                       for kv in args.ab.split(",") if kv]
+    rows = []
+    for impl in impls:
+        model = build_model(impl, config)
+        for workload in workloads:
+            for ckpt in ckpts:
+                polykern_case = impl.startswith(("polykern", "peft_bridge"))
+                for setting in settings if polykern_case else [{}]:
+                    with contextlib.ExitStack() as stack:
+                        for name, value in setting.items():
+                            stack.enter_context(ops._option_set(name, value))
+                        row = run_case(model, impl, workload, ckpt, config, args.warmup,
+                                       args.steps)
+                    row["options"] = setting
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    if args.new_n:
+        for row in new_n_rows():
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    model = {"shape": "Llama-3-8B", "hidden": 4096, "intermediate": 14336, "heads": 32,
+             "kv_heads": 8, "layers": args.layers, "vocab": args.vocab, "dtype": "bfloat16",
+             "attention": "sdpa", "adapters": TARGETS, "r": RANK, "genlora_num_rbf": 32,
+             "optimizer": "AdamW(fused, lr=1e-3)", "warmup": args.warmup, "steps": args.steps}
+    out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "date": datetime.date.today().isoformat(), "model": model, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    print_table(rows)
+    return 0
+
+
+def print_table(rows):
+    def tag(r):
+        return ",".join(f"{k}={v}" for k, v in r.get("options", {}).items())
+    by = {(r["workload"], r["checkpointing"], r["impl"], tag(r)): r for r in rows
+          if "step_ms" in r}
+    for (w, c, impl, t), r in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        peft = by.get((w, c, "peft_lora_bf16", ""))
+        frozen = by.get((w, c, "frozen", ""))
+        vs = ""
+        if peft:
+            vs += (f"  time/peft {r['step_ms'] / peft['step_ms']:.3f}"
+                   f"  mem/peft {r['peak_mib_above_weights'] / max(peft['peak_mib_above_weights'], 1):.3f}")
+        if frozen:
+            vs += f"  time/frozen {r['step_ms'] / frozen['step_ms']:.3f}"
+        name = impl + (f"[{t}]" if t else "")
+        print(f"{w:18s} ckpt={int(c)} {name:36s} {r['step_ms']:8.1f} ms "
+              f"{r['peak_mib_above_weights']:7d} MiB{vs}")
+    for r in rows:
+        if "total_ms" in r:
+            print(f"{r['workload']} {r['impl']:20s} {r['ms_per_new_N']:.2f} ms/new N "
+                  f"({r['ratio_to_frozen']:.2f}x frozen)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
