@@ -1,9 +1,11 @@
 """A small forward+backward of each CUDA op, for compute-sanitizer (memcheck, racecheck)."""
 import torch
 
-import polykern
+from timing import require_gpu  # bench/ is this script's directory
 
-assert polykern.cuda_available(), "needs a GPU and the compiled extension"
+require_gpu("sanitize_case.py")
+import polykern  # noqa: E402
+
 torch.manual_seed(0)
 for cls, cfg in ((polykern.PeraLinear, {"terms": "full"}), (polykern.PeraLinear,
                  {"terms": "cross"}), (polykern.GenLoraLinear, {"num_rbf": 9, "latent_dim": 2})):
@@ -13,12 +15,12 @@ for cls, cfg in ((polykern.PeraLinear, {"terms": "full"}), (polykern.PeraLinear,
             for p in layer.adapter_parameters():
                 p.add_(torch.randn_like(p) * 0.1)
         x = torch.randn(3, 7, 37, device="cuda", dtype=dtype, requires_grad=True)
-        for _ in range(4):  # the same call again: captured (op graphs), then replayed
+        for _ in range(2):
             layer(x).float().square().sum().backward()
-        # skinny GEMMs on the side stream, merged path (merged weight kept) and unmerged
+        # skinny GEMMs on the side stream, merged path and unmerged
         old = torch.ops.polykern._set_side_stream(2)
         for policy in ("always", "never"):
-            with polykern.ops.merge_policy(policy, keep="always"):
+            with polykern.ops.merge_policy(policy):
                 layer(x).float().square().sum().backward()
         torch.ops.polykern._set_side_stream(old)
 # the fused gY pass (csrc/gy_pass.cu): R = 16 and 8 (padded), partial tiles in both directions
@@ -29,6 +31,4 @@ for N, m, R in ((70, 136, 16), (300, 72, 8)):
     assert torch.ops.polykern._gy_pass_takes(gy, B, U)
     torch.ops.polykern._gy_pass(gy, B, U)
 torch.cuda.synchronize()
-stats = polykern.ops.op_graph_stats()
-assert stats["replays"] > 0, stats
-print("sanitize case ran; op graphs:", stats)
+print("sanitize case ran")
