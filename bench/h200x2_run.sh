@@ -5,6 +5,9 @@
 # $OUT/$NAME.json (default h200x2.json); the distributed tests (the NCCL one uses both GPUs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if ! python3 -c "import sys, torch; sys.exit(torch.cuda.device_count() < 2)" 2>/dev/null; then
+  echo "h200x2_run.sh: needs a machine with 2 CUDA GPUs and the CUDA build of torch" >&2; exit 2
+fi
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-32}"

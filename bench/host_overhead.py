@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import polykern
+from timing import require_gpu  # bench/ is this script's directory
 from polykern import modules, ops
 from polykern import reference as ref
 
@@ -51,6 +52,7 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
+    require_gpu("host_overhead.py")
     dev, dt, n = "cuda", torch.bfloat16, args.dim
     torch.manual_seed(0)
     base = nn.Linear(n, n, bias=False, device=dev, dtype=dt).requires_grad_(False)

@@ -1,8 +1,8 @@
 """Per-kernel GPU time of one adapted layer's training step (torch.profiler), to see where the
 adapter's time goes, and the step's wall time on the GPU (10 steps queued back to back, so that
 kernels that overlap on two streams count once): python bench/profile_step.py [--N 8192]
-[--dim 4096] [--out DIM] (out_features, default --dim) [--keep auto|always|never] (the
-merged-weight keep policy, polykern.ops) [--terms full|square|cross] (PERA's expansion terms)."""
+[--dim 4096] [--out DIM] (out_features, default --dim) [--terms full|square|cross] (PERA's
+expansion terms)."""
 import argparse
 
 import torch
@@ -10,12 +10,13 @@ import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
 import polykern
+from timing import require_gpu  # bench/ is this script's directory
 
 
 def layer_steps(N: int, dim: int, terms: str = "full", out: int = 0):
     """(name, step) for the frozen layer, PERA full r=16 and GenLoRA r=16 K=32 on an (out, dim)
     bf16 weight (out = dim unless given): ``step()`` is one forward+backward on a random (N, dim)
-    input, each already run 5 times (warm-up, GEMM tuning). Shared with bench/timeline_step.py."""
+    input, each already run 5 times (warm-up, GEMM algorithm choice)."""
     dev, dt = "cuda", torch.bfloat16
     out = out or dim
     for name, cls, cfg in (("frozen nn.Linear", None, {}),
@@ -43,12 +44,11 @@ def layer_steps(N: int, dim: int, terms: str = "full", out: int = 0):
 
 
 def size_args(doc: str):
-    """--N and --dim, the command line of this script and bench/timeline_step.py."""
+    """--N, --dim, --out and --terms: the command line."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--N", type=int, default=8192)
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--out", type=int, default=0, help="out_features (default: --dim)")
-    ap.add_argument("--keep", default="auto", choices=["auto", "always", "never"])
     ap.add_argument("--terms", default="full", choices=["full", "square", "cross"],
                     help="PERA's expansion terms")
     return ap.parse_args()
@@ -72,7 +72,7 @@ def wall_us(step, steps=10, reps=5):
 
 def main():
     args = size_args(__doc__)
-    polykern.ops.set_merge_policy("auto", keep=args.keep)
+    require_gpu("profile_step.py")
     for name, step in layer_steps(args.N, args.dim, args.terms, args.out):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
@@ -90,8 +90,7 @@ def main():
             total += us
             print(f"  {us:8.1f} us  {e.count / 10:4.1f} launch(es)  {e.key[:100]}")
         print(f"  {total:8.1f} us  total GPU time per step")
-        print(f"  {wall_us(step):8.1f} us  GPU wall time per step (10 back to back; keep="
-              f"{args.keep})")
+        print(f"  {wall_us(step):8.1f} us  GPU wall time per step (10 back to back)")
         if not kernels:  # an older profiler without device_type on the averages
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
 

@@ -1,9 +1,11 @@
 """A small forward+backward of each CUDA op, for compute-sanitizer (memcheck, racecheck)."""
 import torch
 
-import polykern
+from timing import require_gpu  # bench/ is this script's directory
 
-assert polykern.cuda_available(), "needs a GPU and the compiled extension"
+require_gpu("sanitize_case.py")
+import polykern  # noqa: E402
+
 torch.manual_seed(0)
 for cls, cfg in ((polykern.PeraLinear, {"terms": "full"}), (polykern.PeraLinear,
                  {"terms": "cross"}), (polykern.GenLoraLinear, {"num_rbf": 9, "latent_dim": 2})):

@@ -1,6 +1,6 @@
-// The fused adapter GEMMs (version 12): a persistent bf16 GEMM for Hopper (sm_90a) with the
-// adapter's down- and up-projection inside, so that a layer with R = 32 (PERA square r = 16)
-// needs no merged weight:
+// The fused adapter GEMMs: a persistent bf16 GEMM for Hopper (sm_90a) with the adapter's down-
+// and up-projection inside, so that a layer with R = 32 (PERA square r = 16) needs no merged
+// weight:
 //   forward  (lora_gemm_forward):  y = x W^T + bias + U B_gen^T,  U = x A_gen^T;
 //   backward (lora_gemm_backward): gX = gY W + gU A_gen,          gU = gY B_gen.
 // The kernel: C (M, N) = A (M, K) B (N, K)^T (or A Bkn for a (K, N) row-major Bkn: "MN-major
@@ -9,9 +9,8 @@
 // consumer warpgroups running wgmma m64n256k16 on 128 x 256 tiles, tiles handed out round-robin
 // (in groups of 8 row blocks, for L2) over a grid of one CTA per SM. M % 128 == 0,
 // N % 256 == 0, K % 64 == 0.
-// - The U column: U = A Aadp^T (M, 32) as one more column of tiles per group of row blocks
-//   (wgmma n32); in the lora kernels one U tile per row block, on the CTAs with the fewest base
-//   tiles, each CTA's U tiles before its base tiles (Schedule, version 13).
+// - The U column: U = A Aadp^T (M, 32) as one more column of tiles; one U tile per row block, on
+//   the CTAs with the fewest base tiles, each CTA's U tiles before its base tiles (Schedule).
 // - The lora kernels (kLora): every base tile adds one k-block of U's rows times Bup's rows
 //   (N, 32) after K, read by TMA once its row block's U tile published it through a per-row-block
 //   flag (async-proxy fences, release / acquire); a cooperative launch keeps all CTAs
@@ -21,22 +20,17 @@
 //   backward's A_gen as it is stored); the U tiles stay K-major.
 // - The U tiles' stages hold two k-blocks each (see consume_u_tile).
 // - bias (N,), optional: added to the fp32 accumulators in the TMA-store epilogue.
-// Epilogue variants (the experimental op's `variant`; template flags kTmaStore, kCluster):
-//   0: accumulators stored straight from registers (1.12x of cuBLAS on the H100);
-//   1: TMA-store epilogue: each consumer warpgroup converts its 64 x 256 accumulators to bf16 in
-//      four 64 x 64 chunks, written (stmatrix) into one of two 8 KiB staging buffers of its own in
-//      the 128-byte swizzle layout, and one thread stores each chunk with a TMA bulk-tensor store
-//      that is only waited on (for its smem reads) before that buffer is written again, so the
-//      global writes overlap the next tile's mainloop (1.017x of cuBLAS; the package's kernels);
-//   2: 2-CTA clusters along M with TMA multicast of B (each CTA loads half of the shared B tile
-//      into both CTAs' shared memory); correct but 2.2x slower than cuBLAS, not investigated;
-//   3: both.
-// Measured on the H100 (bench/results/h100_wgmma_gemm.txt): every op correct on every shape
-// checked, memcheck clean. The package calls the lora kernels through lora_gemm_forward /
-// lora_gemm_backward (adapter_core.cpp decides when: csrc/README.md, version 12); the device code
-// is compiled for sm_90a only (other archs get a trap, and lora_gemm_available() says no).
-// bench/wgmma_gemm_check.py builds this file with POLYKERN_EXPERIMENTAL_OPS (through
-// csrc/experimental/wgmma_gemm.cu) and registers every variant as torch.ops.polykern_exp.*.
+// - Epilogue (kTmaStore): each consumer warpgroup converts its 64 x 256 accumulators to bf16 in
+//   four 64 x 64 chunks, written (stmatrix) into one of two 8 KiB staging buffers of its own in
+//   the 128-byte swizzle layout, and one thread stores each chunk with a TMA bulk-tensor store
+//   that is only waited on (for its smem reads) before that buffer is written again, so the
+//   global writes overlap the next tile's mainloop: 1.017x of cuBLAS's time, where storing
+//   straight from registers took 1.12x (H100, 8192 x 4096 x 4096).
+// The package instantiates two kernels, gemm_nt_kernel<32, true, false, true, false / true>; the
+// template's other flags (kTmaStore = false, kCluster: 2-CTA clusters with B multicast, which
+// measured 2.2x slower than cuBLAS) are not instantiated. adapter_core.cpp decides when the
+// kernels run (docs/DESIGN.md). The device code is compiled for sm_90a only (other archs get a
+// trap, and lora_gemm_available() says no).
 // Builds for other archs than sm_90a compile the kernels to a trap, which leaves the device
 // helpers unreferenced there: that warning (#177) says nothing in this file.
 #pragma nv_diag_suppress 177
@@ -52,9 +46,7 @@
 #include <atomic>
 #include <cstdint>
 #include <optional>
-#ifndef POLYKERN_EXPERIMENTAL_OPS
 #include "common.h"
-#endif
 
 namespace {
 
@@ -63,7 +55,7 @@ constexpr int kConsumers = 2;                     // warpgroups, 64 rows of the 
 constexpr int kThreads = 128 * (kConsumers + 1);  // + the producer warpgroup
 constexpr int kTileBytesA = BM * BK * 2, kTileBytesB = BN * BK * 2;
 
-// TMA-store epilogue (variant 1, 3): two 64 x 64 bf16 staging buffers (8 KiB, 128-byte swizzle,
+// TMA-store epilogue (kTmaStore): two 64 x 64 bf16 staging buffers (8 KiB, 128-byte swizzle,
 // the layout of a 64 x 64 TMA box) per consumer warpgroup, 32 KiB in all. Chunks rather than a
 // whole 128 x 256 tile (64 KiB) so that the ring keeps its 4 stages: 4 x 48 + 32 KiB + barriers +
 // the 1 KiB alignment slack = 226 KiB, just under the 227 KiB limit, while 3 stages (to stage
@@ -72,7 +64,7 @@ constexpr int kTileBytesA = BM * BK * 2, kTileBytesB = BN * BK * 2;
 // warpgroup let a chunk's conversion run while the previous chunk's store still reads smem.
 constexpr int kEpiCols = 64, kEpiBufs = 2;
 template <bool kTmaStore>
-struct EpilogueSmem {};  // variant 0, 2: nothing (an empty member; the layout is otherwise equal)
+struct EpilogueSmem {};  // no TMA store: nothing (an empty member; the layout is otherwise equal)
 template <>
 struct EpilogueSmem<true> {
   __nv_bfloat16 buf[kConsumers][kEpiBufs][64 * kEpiCols];
@@ -86,7 +78,7 @@ struct __align__(1024) Smem {
   uint64_t full[STAGES];
   uint64_t empty[STAGES];
 };
-static_assert(sizeof(Smem<true>) + 1024 <= 227 * 1024, "TMA-store variant exceeds 227 KiB smem");
+static_assert(sizeof(Smem<true>) + 1024 <= 227 * 1024, "TMA-store epilogue exceeds 227 KiB smem");
 static_assert((STAGES * (BM + BN) * BK * 2) % 1024 == 0, "staging buffers must be 1024-aligned");
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -108,7 +100,7 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
 }
 
 // Spin until the barrier's phase `parity` completed. kClusterScope: acquiring at cluster scope
-// (the empty barriers of the cluster variants, arrived on by the peer's consumers).
+// (the empty barriers of the cluster kernels, arrived on by the peer's consumers).
 template <bool kClusterScope = false>
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   const uint32_t addr = smem_u32(bar);
@@ -148,7 +140,7 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
-// ---- cluster (variant 2, 3) ----
+// ---- cluster (kCluster) ----
 __device__ __forceinline__ uint32_t cluster_ctarank() {
   uint32_t r;
   asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
@@ -182,7 +174,7 @@ __device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorM
       : "memory");
 }
 
-// ---- TMA-store epilogue (variant 1, 3) ----
+// ---- TMA-store epilogue (kTmaStore) ----
 // 2-D TMA store of one box from shared memory (this thread's bulk async-group).
 __device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void* src, int c0,
                                              int c1) {
@@ -383,14 +375,14 @@ __device__ __forceinline__ void unit_origin(int unit, int units_m, int tiles_n, 
 // Which tiles a CTA runs, in which order; producer and consumers walk the same list.
 // Without kLora: units blockIdx.x / kCtas, + gridDim.x / kCtas, ... of the grouped raster
 // (unit_origin; with kR = 32 the U column is each group's last column).
-// kLora (version 13): the base tiles (tiles_m x N / 256) round-robin over the G CTAs in the
+// kLora: the base tiles (tiles_m x N / 256) round-robin over the G CTAs in the
 // grouped raster order, base tile b on CTA b % G, so that the first Bt % G CTAs get one base tile
 // more than the others (the "light" CTAs, all G when Bt % G == 0); the tiles_m U tiles go to the
 // light CTAs, U tile (row block) j on light CTA j % L, and every CTA runs its U tiles FIRST. At
 // the main shape (1024 base tiles, 64 U tiles, 132 CTAs) CTAs 0-99 run 8 base tiles and CTAs
-// 100-131 2 U tiles and 7 base tiles, where version 12 (U tiles first in each group, all units
-// round-robin) gave CTAs 0-31 8 base tiles and a U tile: the U column no longer lengthens the
-// critical path.
+// 100-131 2 U tiles and 7 base tiles, so the U column does not lengthen the critical path
+// (handing out U tiles with the base tiles, round-robin, gave CTAs 0-31 8 base tiles and a U
+// tile).
 template <bool kLora, int kCtas>
 struct Schedule {
   int count;  // tiles (units) of this CTA
@@ -489,10 +481,10 @@ __device__ __forceinline__ void consume_tile(float (&d)[128], S& s, int wg, int 
   if (prev >= 0 && tid == 0) release_stage<kCluster>(&s.empty[prev], rank);
 }
 
-// The U tile's stages hold TWO k-blocks (version 13): the U tile moves A's whole row block
+// The U tile's stages hold TWO k-blocks: the U tile moves A's whole row block
 // (128 x K) and Aadp (32 x K) through the ring with only a few n32 MMAs per k-block, so it is
-// bound by the bytes in flight (4 stages of 20 KiB: measured as 18 us per fused kernel for the
-// 64 U tiles, against a predicted 3-10). A stage's 48 KiB hold two k-blocks' 40 KiB: k-block
+// bound by the bytes in flight (with one k-block per stage, 4 stages of 20 KiB, the 64 U tiles
+// took 18 us per fused kernel against a predicted 3-10). A stage's 48 KiB hold two k-blocks' 40 KiB: k-block
 // 2i in the A buffer with its Aadp rows at the start of the B buffer, k-block 2i + 1's Aadp rows
 // after them (element offset kUPairB) and its A tile at element offset kUPairA of the B buffer
 // (1024-byte aligned, as the 128-byte swizzle needs). The last stage holds one k-block when
@@ -619,9 +611,8 @@ __device__ __forceinline__ void store_tile_tma(const float (&d)[128], S& s,
 
 // kR = 0: C = A B^T. kR = 32: also U = A Aadp^T (M, 32), computed by one extra column of tiles
 // (n0 == N) that loads A's tiles again (from L2: the group's other tiles just read them) and
-// Aadp's 32 rows, and runs wgmma n32: the adapter's down-projection fused into the base GEMM
-// (plan item 1; measured in h100_wgmma_gemm.txt and h100_wgmma_gemm_v13.txt).
-// kTmaStore (variant 1, 3): store_tile_tma for the C tiles. kCluster (variant 2, 3): launched in
+// Aadp's 32 rows, and runs wgmma n32: the adapter's down-projection fused into the base GEMM.
+// kTmaStore: store_tile_tma for the C tiles. kCluster: launched in
 // clusters of 2 along x; the cluster takes tile pairs (m0, n0), (m0 + 128, n0), CTA rank r the
 // tile at m0 + 128 r, and each CTA's producer loads its A tile and B rows n0 + 128 r .. + 127,
 // multicast into both CTAs. Every CTA's full barrier expects A + all of B (its own half and the
@@ -655,7 +646,7 @@ struct LoraArgs {
 // kBMn (gemm_nn, gemm_nn_lora; TMA store, no clusters): map_b is Bkn (K, N) row-major in 64 x 64
 // boxes and the base tiles' K / 64 regular k-blocks load and read B MN-major (kBoxN, smem_desc,
 // imm-trans-b); the U tiles (Aadp (32, K)) and the extra k-block (Bup (N, 32)) stay K-major.
-// bias (N,) or nullptr: added in store_tile_tma (TMA-store variants only; the host checks).
+// bias (N,) or nullptr: added in store_tile_tma (kTmaStore only).
 template <int kR, bool kTmaStore, bool kCluster, bool kLora = false, bool kBMn = false>
 __global__ void __launch_bounds__(kThreads, 1)
 gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
@@ -664,11 +655,11 @@ gemm_nt_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
                __nv_bfloat16* __restrict__ U, const __nv_bfloat16* __restrict__ bias, int M, int N,
                int K) {
   static_assert(kR == 0 || kR == 32, "the U column is 32 wide");
-  static_assert(!kLora || (kR == 32 && kTmaStore && !kCluster), "gemm_nt_lora: kR 32, variant 1");
+  static_assert(!kLora || (kR == 32 && kTmaStore && !kCluster), "lora kernels: kR 32, TMA store, no cluster");
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // built for another arch: never launched (lora_gemm_available checks the binary)
 #else
-  static_assert(!kBMn || (kTmaStore && !kCluster), "MN-major B: variant 1 only");
+  static_assert(!kBMn || (kTmaStore && !kCluster), "MN-major B: TMA store, no cluster");
   using S = Smem<kTmaStore>;
   constexpr int kCtas = kCluster ? 2 : 1;  // CTAs per cluster = tiles per work unit
   extern __shared__ uint8_t smem_raw[];
@@ -844,7 +835,6 @@ struct LaunchArgs {
   __nv_bfloat16 *c, *u;
   const __nv_bfloat16* bias;  // nullptr: none
   int M, N, K;
-  int64_t grid_limit;
   cudaStream_t stream;
 };
 
@@ -852,8 +842,7 @@ struct LaunchArgs {
 // Without clusters: min(tiles, SMs) CTAs. With clusters: an even grid of 2 x min(tile pairs, the
 // clusters that fit on the device at once (cudaOccupancyMaxActiveClusters: a 2-CTA cluster needs
 // two free SMs of one GPC, so fewer than SMs / 2 may fit, and a second wave would cost a whole
-// tile time), SMs / 2) CTAs, with a (2, 1, 1) cluster dimension. grid_limit (> 0) caps the CTAs
-// (rounded down to even, at least 2, with clusters). kLora: a cooperative launch
+// tile time), SMs / 2) CTAs, with a (2, 1, 1) cluster dimension. kLora: a cooperative launch
 // (cudaLaunchAttributeCooperative), which either makes all CTAs co-resident or fails with an
 // error (cudaErrorCooperativeLaunchTooLarge), never runs them in waves; with one CTA per SM
 // (the ~226 KiB of shared memory) grid <= SMs always fits an otherwise idle device, and beside
@@ -862,12 +851,10 @@ template <int kR, bool kTmaStore, bool kCluster, bool kLora = false, bool kBMn =
 void launch(const LaunchArgs& L) {
   auto* kernel = gemm_nt_kernel<kR, kTmaStore, kCluster, kLora, kBMn>;
   const int M = L.M, N = L.N;
-  const int64_t grid_limit = L.grid_limit;
   const size_t smem = sizeof(Smem<kTmaStore>) + 1024;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
   int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  if (grid_limit > 0 && grid_limit < sms) sms = static_cast<int>(grid_limit);
   const int64_t tiles_m = M / BM, tiles_n = N / BN + (kR > 0 ? 1 : 0);
   cudaLaunchAttribute attr[1];
   cudaLaunchConfig_t cfg = {};
@@ -907,35 +894,16 @@ void launch(const LaunchArgs& L) {
                                     L.bias, M, N, L.K));
 }
 
-#ifdef POLYKERN_EXPERIMENTAL_OPS
-// gemm_nt / gemm_nt_u's variants 0-3 without and with the U column: index 2 variant + with_u.
-template <int kVariantU>
-void launch_variant(const LaunchArgs& L) {
-  constexpr int v = kVariantU / 2;
-  launch<kVariantU % 2 ? 32 : 0, (v & 1) != 0, (v & 2) != 0>(L);
-}
-constexpr void (*kVariantLaunch[8])(const LaunchArgs&) = {
-    launch_variant<0>, launch_variant<1>, launch_variant<2>, launch_variant<3>,
-    launch_variant<4>, launch_variant<5>, launch_variant<6>, launch_variant<7>};
-#endif
-
 }  // namespace
 
 namespace {
-// (C, U) = (A B^T, A Aadp^T) for A (M, K), B (N, K), Aadp (32, K) or undefined (then U is
-// undefined), all bf16 CUDA with unit stride along K. variant: see the file's head.
-// Bup (N, 32) defined (gemm_nt_lora; Aadp required, variant 1): C = A B^T + U Bup^T instead.
-// bmn (gemm_nn, gemm_nn_lora; variant 1): B is Bkn (K, N) row-major, C = A Bkn (+ U Bup^T).
-// bias (N,) defined (TMA-store variants 1, 3): C (+)= bias before the rounding. poison: the
-// package's POLYKERN_POISON (tests) on C and U.
-std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::Tensor& B,
-                                                const at::Tensor& Aadp, const at::Tensor& Bup,
-                                                const at::Tensor& bias, int64_t grid_limit,
-                                                int64_t variant, bool bmn = false,
-                                                bool poison = false) {
-  TORCH_CHECK(variant >= 0 && variant <= 3,
-              "polykern lora_gemm: variant must be 0 (register epilogue), 1 (TMA-store epilogue), "
-              "2 (2-CTA cluster, B multicast) or 3 (both), got ", variant);
+// (C, U) = (A B^T + U Bup^T (+ bias), U = A Aadp^T) for A (M, K), B (N, K), Aadp (32, K),
+// Bup (N, 32), all bf16 CUDA with unit stride along K. bmn: B is Bkn (K, N) row-major and Bup
+// (32, N) (MN-major), C = A Bkn + U Bup (+ bias). bias (N,) or undefined: added before the
+// rounding. C and U are poisoned first under POLYKERN_POISON (tests).
+std::tuple<at::Tensor, at::Tensor> lora_gemm_impl(const at::Tensor& A, const at::Tensor& B,
+                                                  const at::Tensor& Aadp, const at::Tensor& Bup,
+                                                  const at::Tensor& bias, bool bmn) {
   TORCH_CHECK(A.is_cuda() && A.scalar_type() == at::kBFloat16 && A.dim() == 2,
               "polykern lora_gemm: A must be a 2-D bf16 CUDA tensor, got ", A.scalar_type(), " ",
               A.dim(), "-D on ", A.device());
@@ -950,29 +918,18 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
   const int64_t M = A.size(0), N = B.size(bmn ? 1 : 0), K = A.size(1);
   TORCH_CHECK(M % BM == 0 && N % BN == 0 && K % BK == 0 && K > 0,
               "polykern lora_gemm: M % 128, N % 256 and K % 64 must be 0, got ", M, " ", N, " ", K);
-  const bool with_u = Aadp.defined();
-  if (with_u) {
-    check_operand(Aadp, A, "Aadp");
-    TORCH_CHECK(Aadp.size(0) == 32, "polykern lora_gemm: Aadp must have 32 rows, got ", Aadp.size(0));
+  check_operand(Aadp, A, "Aadp");
+  TORCH_CHECK(Aadp.size(0) == 32, "polykern lora_gemm: Aadp must have 32 rows, got ", Aadp.size(0));
+  if (bmn) {  // MN-major like Bkn: (32, N) row-major
+    check_operand(Bup, A, "Bup", N);
+    TORCH_CHECK(Bup.size(0) == 32, "polykern lora_gemm: with Bkn, Bup must be (32, N) = (32, ",
+                N, "), got ", Bup.sizes());
+  } else {
+    check_operand(Bup, A, "Bup", 32);
+    TORCH_CHECK(Bup.size(0) == N, "polykern lora_gemm: Bup must have B's N = ", N,
+                " rows, got ", Bup.size(0));
   }
-  const bool lora = Bup.defined();
-  if (lora) {
-    TORCH_CHECK(with_u && variant == 1, "polykern lora_gemm: Bup needs Aadp and variant 1");
-    if (bmn) {  // MN-major like Bkn: (32, N) row-major
-      check_operand(Bup, A, "Bup", N);
-      TORCH_CHECK(Bup.size(0) == 32, "polykern lora_gemm: with Bkn, Bup must be (32, N) = (32, ",
-                  N, "), got ", Bup.sizes());
-    } else {
-      check_operand(Bup, A, "Bup", 32);
-      TORCH_CHECK(Bup.size(0) == N, "polykern lora_gemm: Bup must have B's N = ", N,
-                  " rows, got ", Bup.size(0));
-    }
-  }
-  TORCH_CHECK(!bmn || (variant == 1 && with_u == lora), "polykern lora_gemm: Bkn needs variant 1, and "
-              "Aadp only with Bup");
-  const bool tma_store = variant & 1, cluster = variant & 2;
   if (bias.defined()) {
-    TORCH_CHECK(tma_store, "polykern lora_gemm: bias needs the TMA-store epilogue (variant 1 or 3)");
     TORCH_CHECK(bias.is_cuda() && bias.device() == A.device() &&
                     bias.scalar_type() == at::kBFloat16 && bias.dim() == 1 && bias.size(0) == N,
                 "polykern lora_gemm: bias must be a 1-D bf16 CUDA tensor of N = ", N,
@@ -983,64 +940,44 @@ std::tuple<at::Tensor, at::Tensor> gemm_nt_impl(const at::Tensor& A, const at::T
   }
   const c10::cuda::CUDAGuard guard(A.device());
   at::Tensor C = at::empty({M, N}, A.options());
-  at::Tensor U = with_u ? at::empty({M, 32}, A.options()) : at::Tensor();
-#ifndef POLYKERN_EXPERIMENTAL_OPS
-  if (poison) {  // POLYKERN_POISON=1 (tests): NaN first, so an element never written shows
-    polykern::maybe_poison(C);
-    if (with_u) polykern::maybe_poison(U);
-  }
-#else
-  (void)poison;
-#endif
-  if (M == 0 || (N == 0 && !with_u)) return {C, U};
+  at::Tensor U = at::empty({M, 32}, A.options());
+  // POLYKERN_POISON=1 (tests): NaN first, so an element never written shows
+  polykern::maybe_poison(C);
+  polykern::maybe_poison(U);
+  if (M == 0) return {C, U};
   LaunchArgs L = {};
-  // with clusters each CTA loads half of B's 256-row tile: boxes of 128 rows; Bkn: 64 x 64
-  // boxes (64 columns along N, make_map's inner box width BK, by 64 rows along K)
+  // Bkn: 64 x 64 boxes (64 columns along N, make_map's inner box width BK, by 64 rows along K)
   L.ma = make_map(A, BM);
-  L.mb = N == 0 ? L.ma : make_map(B, bmn ? BK : cluster ? BN / 2 : BN);
-  L.mu = with_u ? make_map(Aadp, 32) : L.ma;
+  L.mb = N == 0 ? L.ma : make_map(B, bmn ? BK : BN);
+  L.mu = make_map(Aadp, 32);
   // the TMA store's map: C in 64 x 64 boxes, 128-byte swizzle (the staging buffers' layout)
-  L.mc = tma_store && N > 0 ? make_map(C, kEpiCols) : L.ma;
+  L.mc = N > 0 ? make_map(C, kEpiCols) : L.ma;
   L.c = reinterpret_cast<__nv_bfloat16*>(C.data_ptr());
-  L.u = with_u ? reinterpret_cast<__nv_bfloat16*>(U.data_ptr()) : nullptr;
+  L.u = reinterpret_cast<__nv_bfloat16*>(U.data_ptr());
   L.bias = bias.defined() ? reinterpret_cast<const __nv_bfloat16*>(bias.data_ptr()) : nullptr;
   L.stream = at::cuda::getCurrentCUDAStream();
   L.M = static_cast<int>(M), L.N = static_cast<int>(N), L.K = static_cast<int>(K);
-  L.grid_limit = grid_limit;
-  // gemm_nt_lora: U as the extra k-block's A operand, Bup as its B operand (boxes of 64 columns
-  // over 32-column tensors: TMA zero-fills columns 32..63; the encode has no box <= dims rule),
-  // and the row blocks' flags. Zeroed per call with cudaMemsetAsync on the launch's stream (a
+  // U as the extra k-block's A operand, Bup as its B operand (boxes of 64 columns over 32-column
+  // tensors: TMA zero-fills columns 32..63; the encode has no box <= dims rule), and the row
+  // blocks' flags. Zeroed per call with cudaMemsetAsync on the launch's stream (a
   // 4 * M / 128-byte memset node) rather than an epoch: a fresh at::empty block may hold any int,
   // the current epoch included (a false "ready": C silently wrong), and a persistent flag buffer
   // with an epoch would be shared by calls on different streams that run at the same time.
-  at::Tensor flags;
-  if (lora) {
-    flags = at::empty({M / BM}, A.options().dtype(at::kInt));
-    C10_CUDA_CHECK(cudaMemsetAsync(flags.data_ptr(), 0, flags.nbytes(), L.stream));
-    L.lora.u = make_map(U, BM);
-    // N == 0: no base tiles, never read. With Bkn, Bup (32, N) in Bkn's 64 x 64 boxes.
-    L.lora.bup = N == 0 ? L.ma : make_map(Bup, bmn ? BK : BN);
-    L.lora.flags = flags.data_ptr<int>();
-  }
-  if (lora && bmn)
+  at::Tensor flags = at::empty({M / BM}, A.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cudaMemsetAsync(flags.data_ptr(), 0, flags.nbytes(), L.stream));
+  L.lora.u = make_map(U, BM);
+  // N == 0: no base tiles, never read. With Bkn, Bup (32, N) in Bkn's 64 x 64 boxes.
+  L.lora.bup = N == 0 ? L.ma : make_map(Bup, bmn ? BK : BN);
+  L.lora.flags = flags.data_ptr<int>();
+  if (bmn)
     launch<32, true, false, true, true>(L);
-  else if (lora)
+  else
     launch<32, true, false, true>(L);
-#ifdef POLYKERN_EXPERIMENTAL_OPS  // the package calls the lora kernels alone: no other variant
-  else if (bmn)                   // is compiled into it
-    launch<0, true, false, false, true>(L);
-  else
-    kVariantLaunch[variant * 2 + (with_u ? 1 : 0)](L);
-#else
-  else
-    TORCH_CHECK(false, "polykern lora_gemm: the package builds the lora kernels only");
-#endif
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {C, U};
 }
 }  // namespace
 
-#ifndef POLYKERN_EXPERIMENTAL_OPS
 // ---- the package's entry points (adapter_core.cpp) --------------------------------------------
 namespace polykern {
 
@@ -1074,69 +1011,14 @@ bool lora_gemm_available(int dev) {
 std::tuple<at::Tensor, at::Tensor> lora_gemm_forward(const at::Tensor& x, const at::Tensor& W,
                                                      const at::Tensor& A, const at::Tensor& B,
                                                      const std::optional<at::Tensor>& bias) {
-  return gemm_nt_impl(x, W, A, B, bias.value_or(at::Tensor()), 0, 1, false, true);
+  return lora_gemm_impl(x, W, A, B, bias.value_or(at::Tensor()), false);
 }
 
 // (gX, gU) = (gY W + gU A, gY Bt^T) for gY (N, m), W (m, n), Bt = B^T (32, m), A (32, n): the
 // backward's gX = gY W + gU A with gU = gY B, W and A read in place (MN-major).
 std::tuple<at::Tensor, at::Tensor> lora_gemm_backward(const at::Tensor& gy, const at::Tensor& W,
                                                       const at::Tensor& Bt, const at::Tensor& A) {
-  return gemm_nt_impl(gy, W, Bt, A, at::Tensor(), 0, 1, true, true);
+  return lora_gemm_impl(gy, W, Bt, A, at::Tensor(), true);
 }
 
 }  // namespace polykern
-#else
-at::Tensor gemm_nt(const at::Tensor& A, const at::Tensor& B, int64_t grid_limit,
-                   int64_t variant) {
-  return std::get<0>(gemm_nt_impl(A, B, {}, {}, {}, grid_limit, variant));
-}
-
-std::tuple<at::Tensor, at::Tensor> gemm_nt_u(const at::Tensor& A, const at::Tensor& B,
-                                             const at::Tensor& Aadp, int64_t grid_limit,
-                                             int64_t variant) {
-  return gemm_nt_impl(A, B, Aadp, {}, {}, grid_limit, variant);
-}
-
-// (C, U) = (bf16(A B^T + U Bup^T (+ bias)), U = bf16(A Aadp^T)) in one launch: the adapter
-// layer's forward y = x W^T + b + (x Aadp^T) Bup^T without the merged weight (see gemm_nt_kernel's
-// kLora). kBMn: gemm_nn_lora, B given as Bkn (K, N), C = A Bkn + U Bup (+ bias): the backward's
-// gX = gY W + gU A_gen with Bkn = W, Aadp = B_gen^T, Bup = A_gen (32, N) (U = gU; Bup is
-// MN-major like Bkn there).
-template <bool kBMn>
-std::tuple<at::Tensor, at::Tensor> gemm_lora(const at::Tensor& A, const at::Tensor& B,
-                                             const at::Tensor& Aadp, const at::Tensor& Bup,
-                                             const std::optional<at::Tensor>& bias,
-                                             int64_t grid_limit) {
-  TORCH_CHECK(Aadp.defined() && Bup.defined(), "polykern lora_gemm: gemm_n", kBMn ? "n" : "t",
-              "_lora needs Aadp and Bup");
-  return gemm_nt_impl(A, B, Aadp, Bup, bias.value_or(at::Tensor()), grid_limit, 1, kBMn);
-}
-
-// C = A Bkn for Bkn (K, N) row-major (MN-major B; variant 1's kernel otherwise).
-at::Tensor gemm_nn(const at::Tensor& A, const at::Tensor& Bkn, int64_t grid_limit) {
-  return std::get<0>(gemm_nt_impl(A, Bkn, {}, {}, {}, grid_limit, 1, true));
-}
-
-// Registered through the dispatcher, as polykern's own ops are: torch.ops.polykern_exp.gemm_nt.
-// (A pybind11 binding of the first version crashed the process on the device when a check failed
-// instead of raising; the dispatcher's error path is the one polykern's tests exercise.)
-// variant: 0 register epilogue (measured), 1 TMA-store epilogue, 2 2-CTA cluster with B
-// multicast, 3 both. gemm_nt_lora: the fused adapter forward (variant 1's epilogue; measured).
-// gemm_nn, gemm_nn_lora: B as Bkn (K, N) row-major (MN-major B; compiled, not yet run on a GPU).
-// bias (Tensor? = None) right after Bup: calls with the four operands (the only positional form
-// outside bench/wgmma_gemm_check.py, which passes grid_limit by keyword) keep working; a call that
-// gave grid_limit as the 5th positional argument must now name it.
-TORCH_LIBRARY(polykern_exp, m) {
-  m.def("gemm_nt(Tensor A, Tensor B, int grid_limit=0, int variant=0) -> Tensor", &gemm_nt);
-  m.def("gemm_nt_u(Tensor A, Tensor B, Tensor Aadp, int grid_limit=0, int variant=0)"
-        " -> (Tensor, Tensor)",
-        &gemm_nt_u);
-  m.def("gemm_nt_lora(Tensor A, Tensor B, Tensor Aadp, Tensor Bup, Tensor? bias=None,"
-        " int grid_limit=0) -> (Tensor C, Tensor U)",
-        &gemm_lora<false>);
-  m.def("gemm_nn_lora(Tensor A, Tensor Bkn, Tensor Aadp, Tensor Bup, Tensor? bias=None,"
-        " int grid_limit=0) -> (Tensor C, Tensor U)",
-        &gemm_lora<true>);
-  m.def("gemm_nn(Tensor A, Tensor Bkn, int grid_limit=0) -> Tensor", &gemm_nn);
-}
-#endif  // POLYKERN_EXPERIMENTAL_OPS
