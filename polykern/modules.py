@@ -142,11 +142,11 @@ class AdapterLinear(nn.Module):
         self.reset_adapter_parameters()
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, **cfg) -> "AdapterLinear":
-        """Wrap an existing ``nn.Linear``, or transformers' ``Conv1D`` (weight ``(in, out)``,
-        kept as it is with ``fan_in_fan_out=True``): the new layer shares its weight and bias
-        storage (the same ``Parameter`` objects, frozen), adapter parameters are created on its
-        device."""
+    def shaped_like(cls, linear: nn.Module, **cfg) -> "AdapterLinear":
+        """A new layer with the shapes, weight layout, device and dtype of ``linear`` (an
+        ``nn.Linear`` or transformers' ``Conv1D``) and a weight of its own; ``linear`` is not
+        touched. ``cfg`` goes to the constructor (``device="meta"`` builds a layer to check a
+        config and the adapter shapes without allocating)."""
         fan_in_fan_out = is_conv1d(linear)
         if not (fan_in_fan_out or isinstance(linear, nn.Linear)):
             raise TypeError("from_linear expects an nn.Linear or transformers' Conv1D, got "
@@ -156,8 +156,16 @@ class AdapterLinear(nn.Module):
         out_features, in_features = linear.weight.shape
         if fan_in_fan_out:
             in_features, out_features = out_features, in_features
-        layer = cls(in_features, out_features, bias=linear.bias is not None,
-                    fan_in_fan_out=fan_in_fan_out, **cfg)
+        return cls(in_features, out_features, bias=linear.bias is not None,
+                   fan_in_fan_out=fan_in_fan_out, **cfg)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, **cfg) -> "AdapterLinear":
+        """Wrap an existing ``nn.Linear``, or transformers' ``Conv1D`` (weight ``(in, out)``,
+        kept as it is with ``fan_in_fan_out=True``): the new layer shares its weight and bias
+        storage (the same ``Parameter`` objects, frozen), adapter parameters are created on its
+        device."""
+        layer = cls.shaped_like(linear, **cfg)
         layer.train(linear.training)  # an eval-mode model stays in eval mode (no adapter dropout)
         linear.weight.requires_grad_(False)
         layer.weight = linear.weight
