@@ -262,7 +262,8 @@ def load_adapters(model: nn.Module, path: str) -> List[str]:
         cls = METHODS[cfg.pop("method")]
         cfg["adapter_dtype"] = getattr(torch, cfg["adapter_dtype"])
         new[name] = (base, cls, cfg)
-        planned[name] = cls.shaped_like(base, device="meta", **cfg)
+        with torch.random.fork_rng(devices=[]):      # a check; the real build draws later
+            planned[name] = cls.shaped_like(base, device="meta", **cfg)
     own = _adapter_tensors(planned)
     _check_state(own, state, "the file")
     for name, (base, cls, cfg) in new.items():
