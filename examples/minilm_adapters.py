@@ -164,20 +164,14 @@ def save_adapters(encoder: nn.Module, via: str, path: str) -> None:
         polykern.save_adapters(encoder, path)
 
 
-def load_adapters(via: str, path: str, method: str) -> nn.Module:
-    """A fresh MiniLM with the saved adapters loaded (peft: registered again, then loaded)."""
+def load_adapters(via: str, path: str) -> nn.Module:
+    """A fresh MiniLM with the saved adapters loaded (peft: method and options read from the
+    file ``save_pretrained`` wrote beside the adapter)."""
     encoder, _ = load_minilm()
     if via == "peft":
-        from peft import LoraConfig, PeftModel
-
         from polykern import peft as pk_peft
-        cfg = PERA_CFG if method == "pera" else GENLORA_CFG
-        options = {k: v for k, v in cfg.items() if k not in ("r", "alpha", "dropout")}
-        config = LoraConfig.from_pretrained(path)
-        pk_peft.register(config, method=method, **options)
-        return PeftModel.from_pretrained(encoder, path, config=config)
+        return pk_peft.from_pretrained(encoder, path)
     polykern.load_adapters(encoder, path)     # rebuilds the layers from the file's metadata
-    # The rebuilt layers are new modules, in training mode (adapter dropout on): back to eval.
     return encoder.eval()
 
 
@@ -212,8 +206,7 @@ def main(argv=None) -> Dict[str, float]:
         os.makedirs(out, exist_ok=True)
         path = out if args.via == "peft" else os.path.join(out, "adapters.safetensors")
         save_adapters(encoder, args.via, path)
-        reloaded, _ = evaluate(load_adapters(args.via, path, args.method), head, data,
-                               "held_out")
+        reloaded, _ = evaluate(load_adapters(args.via, path), head, data, "held_out")
     bitwise = torch.equal(reloaded, adapted)
     print(f"saved and loaded adapters reproduce the embeddings bit for bit: {bitwise}")
 

@@ -5,6 +5,7 @@ They see only modules (``polykern.modules``); the math stays in ``polykern.refer
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -13,14 +14,15 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .modules import AdapterLinear, GenLoraLinear, PeraLinear
+from .modules import AdapterLinear, GenLoraLinear, PeraLinear, is_wrappable
 
 __all__ = ["inject_adapters", "merge_and_unload", "adapter_state_dict", "load_adapter_state_dict",
            "save_adapters", "load_adapters", "count_parameters", "adapter_modules"]
 
 METHODS = {"pera": PeraLinear, "genlora": GenLoraLinear, "lora": PeraLinear}
 _METADATA_KEY = "polykern_adapters"
-_FORMAT_VERSION = "1"
+_CHECKSUM_KEY = "polykern_checksums_sha256"
+_FORMAT_VERSION = "2"          # 2: a SHA-256 of each tensor's bytes in the metadata
 
 
 def _matcher(target_modules: Union[str, Sequence[str]]):
@@ -44,11 +46,53 @@ def adapter_modules(model: nn.Module) -> Iterable[Tuple[str, AdapterLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLinear)]
 
 
+def _freeze_all_but_adapters(model: nn.Module) -> None:
+    """Freeze every parameter that is not an adapter's (adapters keep their own flags)."""
+    adapters = {id(p) for _, m in adapter_modules(model) for p in m.adapter_parameters()}
+    for p in model.parameters():
+        if id(p) not in adapters:
+            p.requires_grad_(False)
+
+
+def _describe(module: nn.Module) -> str:
+    """Why the adapter layers do not wrap ``module`` (which ``is_wrappable`` refused)."""
+    kind = type(module).__name__
+    if isinstance(module, AdapterLinear):
+        return f"already adapted (a {kind})"
+    if isinstance(module, nn.Linear):
+        return (f"a {kind}, a subclass of nn.Linear, which the adapters do not wrap (its forward "
+                "may compute something other than x W^T + b)")
+    return f"a {kind}, not an nn.Linear or transformers' Conv1D"
+
+
+def _why_nothing_matched(model: nn.Module, target_modules, matched) -> str:
+    """The error for a ``target_modules`` that selects no layer to adapt, saying why."""
+    if matched:
+        reasons = "; ".join(f"{n} is {_describe(m)}" for n, m in matched[:5])
+        more = f" (and {len(matched) - 5} more)" if len(matched) > 5 else ""
+        return (f"target_modules={target_modules!r} selects no nn.Linear or Conv1D to adapt: "
+                f"{reasons}{more}")
+    message = f"no module name in the model matches target_modules={target_modules!r}"
+    if not isinstance(target_modules, str):
+        return message
+    names = [n for n, _ in model.named_modules() if n]
+    ending = [n for n in names if n.endswith("." + target_modules)]
+    if ending:
+        return (f"{message}: a string is a regex matched against the full name, and "
+                f"{len(ending)} module names end in {target_modules!r} ({ending[0]!r}, ...); "
+                f"to match name suffixes pass a list, [{target_modules!r}]")
+    example = f" (such as {names[-1]!r})" if names else ""
+    return (f"{message}: a string is a regex matched against the full name{example}; to match "
+            f"name suffixes pass a list, such as [{target_modules!r}]")
+
+
 def inject_adapters(model: nn.Module, target_modules: Union[str, Sequence[str]],
                     method: str = "pera", **cfg) -> List[str]:
-    """Replace, in place, every ``nn.Linear`` whose qualified name matches ``target_modules`` (a
-    list of name suffixes such as ``["q_proj", "v_proj"]``, or a regex matched against the whole
-    name) by an adapter layer wrapping it; freeze every other parameter except the adapters of
+    """Replace, in place, every ``nn.Linear`` (exactly, not a subclass) or transformers'
+    ``Conv1D`` (GPT-2) whose qualified name matches ``target_modules`` (a list of name suffixes
+    such as ``["q_proj", "v_proj"]``, or a regex matched against the whole name) by an adapter
+    layer wrapping it; matching modules of other types are left alone, and when none of them can
+    be adapted a ``ValueError`` says why. Freeze every other parameter except the adapters of
     earlier calls (so PERA in attention and GenLoRA in the MLP can be injected one after the
     other). ``method`` is "pera", "genlora" or "lora" (PeraLinear with ``terms="none"``); ``cfg``
     goes to the layer (``r``, ``alpha``, ``terms``, ``num_rbf``, ...). Returns the replaced
@@ -59,45 +103,51 @@ def inject_adapters(model: nn.Module, target_modules: Union[str, Sequence[str]],
         if cfg.setdefault("terms", "none") != "none":
             raise ValueError("method='lora' is PERA with terms='none'; do not pass terms")
     match = _matcher(target_modules)
-    targets = [n for n, m in model.named_modules()
-               if type(m) is nn.Linear and n and match(n)]
+    matched = [(n, m) for n, m in model.named_modules() if n and match(n)]
+    targets = [n for n, m in matched if is_wrappable(m)]
     if not targets:
-        raise ValueError(f"no nn.Linear in the model matches target_modules={target_modules!r}")
-    earlier = {id(p) for _, m in adapter_modules(model) for p in m.adapter_parameters()}
-    for p in model.parameters():
-        if id(p) not in earlier:
-            p.requires_grad_(False)
+        raise ValueError(_why_nothing_matched(model, target_modules, matched))
     for name in targets:
         _set_submodule(model, name, METHODS[method].from_linear(model.get_submodule(name), **cfg))
+    _freeze_all_but_adapters(model)
     return targets
 
 
 @torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its weight and put back plain ``nn.Linear`` layers (in place)."""
+    """Fold every adapter into its weight and put back the plain layers (in place): an
+    ``nn.Linear``, or transformers' ``Conv1D`` where the adapter wrapped one."""
     for name, module in adapter_modules(model):
         if not module.merged:
             module.merge()
-        w = module.weight
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device="meta")
-        linear.weight = w
-        linear.bias = module.bias
-        _set_submodule(model, name, linear)
+        if module.fan_in_fan_out:
+            from transformers.pytorch_utils import Conv1D
+            with torch.device("meta"):            # its weight is replaced at once
+                base = Conv1D(module.out_features, module.in_features)
+        else:
+            base = nn.Linear(module.in_features, module.out_features,
+                             bias=module.bias is not None, device="meta")
+        base.weight = module.weight
+        base.bias = module.bias
+        _set_submodule(model, name, base)
     return model
+
+
+def _adapter_tensors(layers: Dict[str, AdapterLinear]) -> Dict[str, Tensor]:
+    """The adapter parameters of ``layers`` (by qualified layer name), keyed by qualified
+    parameter name."""
+    return {f"{name}.{p}": getattr(m, p) for name, m in layers.items()
+            for p in m.adapter_parameter_names}
 
 
 def adapter_state_dict(model: nn.Module) -> Dict[str, Tensor]:
     """Only the adapter tensors, keyed by qualified parameter name (detached, not copied)."""
-    return {f"{name}.{p}": getattr(m, p).detach()
-            for name, m in adapter_modules(model) for p in m.adapter_parameter_names}
+    return {k: p.detach() for k, p in _adapter_tensors(dict(adapter_modules(model))).items()}
 
 
-@torch.no_grad()
-def load_adapter_state_dict(model: nn.Module, state_dict: Dict[str, Tensor]) -> None:
-    """Copy adapter tensors into the model's adapter layers; keys must match exactly."""
-    own = {f"{name}.{p}": getattr(m, p)
-           for name, m in adapter_modules(model) for p in m.adapter_parameter_names}
+def _check_state(own: Dict[str, Tensor], state_dict: Dict[str, Tensor], source: str) -> None:
+    """Raise unless ``state_dict`` has exactly ``own``'s keys and shapes (``KeyError`` for the
+    keys, ``ValueError`` for a shape); ``source`` names where the state comes from."""
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if missing or unexpected:
@@ -105,11 +155,19 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Dict[str, Tensor]) -> 
                        f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                        f"{'...' if len(unexpected) > 5 else ''}")
     for k, p in own.items():
-        src = state_dict[k]
-        if src.shape != p.shape:
-            raise ValueError(f"adapter tensor {k}: shape {tuple(src.shape)} in the state, "
-                             f"{tuple(p.shape)} in the model")
-        p.copy_(src)
+        if state_dict[k].shape != p.shape:
+            raise ValueError(f"adapter tensor {k}: shape {tuple(state_dict[k].shape)} in "
+                             f"{source}, {tuple(p.shape)} in the model")
+
+
+@torch.no_grad()
+def load_adapter_state_dict(model: nn.Module, state_dict: Dict[str, Tensor]) -> None:
+    """Copy adapter tensors into the model's adapter layers; keys and shapes must match exactly,
+    and are all checked before the first copy."""
+    own = _adapter_tensors(dict(adapter_modules(model)))
+    _check_state(own, state_dict, "the state")
+    for k, p in own.items():
+        p.copy_(state_dict[k])
 
 
 def adapter_configs(model: nn.Module) -> Dict[str, Dict]:
@@ -134,13 +192,46 @@ def save_adapters(model: nn.Module, path: str,
         own = state_dict
     tensors = {k: v.detach().contiguous() for k, v in own.items()}
     meta = {_METADATA_KEY: json.dumps(adapter_configs(model)), "format": "pt",
-            "polykern_format_version": _FORMAT_VERSION}
+            "polykern_format_version": _FORMAT_VERSION,
+            _CHECKSUM_KEY: json.dumps({k: _sha256(v) for k, v in tensors.items()})}
     save_file(tensors, path, metadata=meta)
 
 
+def _sha256(t: Tensor) -> str:
+    """SHA-256 of a tensor's bytes as safetensors stores them (row-major, native order)."""
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+    return hashlib.sha256(raw.tobytes()).hexdigest()
+
+
+def _check_checksums(path: str, meta: Dict[str, str], tensors: Dict[str, Tensor]) -> None:
+    """Raise ``ValueError`` naming the first tensor whose bytes differ from those written.
+    Files written before checksums (format version 1) have none to check."""
+    if _CHECKSUM_KEY not in meta:
+        return
+    sums = json.loads(meta[_CHECKSUM_KEY])
+    for k, t in tensors.items():
+        if k not in sums:
+            raise ValueError(f"{path}: the metadata has no checksum for tensor {k!r}; the file "
+                             "was changed after save_adapters wrote it")
+        if _sha256(t) != sums[k]:
+            raise ValueError(f"{path}: tensor {k!r} does not match its checksum: its bytes "
+                             "were changed or damaged after save_adapters wrote them")
+
+
+def _config_differences(have: Dict, wanted: Dict) -> List[str]:
+    """``"key: model <value>, file <value>"`` for each key of the file's config ``wanted`` whose
+    value the model's adapter config ``have`` does not share (the adapter dtype is not
+    compared: loading casts to the model's)."""
+    return [f"{k}: model {have.get(k)!r}, file {v!r}" for k, v in wanted.items()
+            if k != "adapter_dtype" and have.get(k) != v]
+
+
 def load_adapters(model: nn.Module, path: str) -> List[str]:
-    """Load adapters written by ``save_adapters``. Layers that are plain ``nn.Linear`` in
-    ``model`` get the adapter the file describes first; returns the adapted layer names."""
+    """Load adapters written by ``save_adapters``. Layers that are plain ``nn.Linear`` (or
+    transformers' ``Conv1D``) in ``model`` get the adapter the file describes first; every
+    parameter that is not an adapter's is frozen, as ``inject_adapters`` does. The file (its
+    checksums) and the model (layer names, configs, shapes) are checked in full before the first
+    change, so on any error the model is as it was. Returns the adapted layer names."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     with safe_open(path, framework="pt") as f:
@@ -149,27 +240,36 @@ def load_adapters(model: nn.Module, path: str) -> List[str]:
         raise ValueError(f"{path} was not written by polykern.save_adapters (no "
                          f"'{_METADATA_KEY}' metadata)")
     configs = json.loads(meta[_METADATA_KEY])
+    state = load_file(path)
+    _check_checksums(path, meta, state)
     existing = dict(adapter_modules(model))
+    new: Dict[str, Tuple[nn.Module, type, Dict]] = {}       # name -> (base, class, config)
+    planned = dict(existing)       # the adapter layers after loading; new ones built on meta
     for name, cfg in configs.items():
-        cfg = dict(cfg)
-        method = cfg.pop("method")
-        adapter_dtype = getattr(torch, cfg.pop("adapter_dtype"))
         if name in existing:
-            have = existing[name].adapter_config()
-            if have["method"] != method or any(have.get(k) != v for k, v in cfg.items()):
-                raise ValueError(f"layer {name}: the model's adapter {have} differs from the "
-                                 f"file's {dict(cfg, method=method)}")
+            differences = _config_differences(existing[name].adapter_config(), cfg)
+            if differences:
+                raise ValueError(f"layer {name}: the model's adapter differs from the file's: "
+                                 + "; ".join(differences))
             continue
         try:
-            linear = model.get_submodule(name)
+            base = model.get_submodule(name)
         except AttributeError:
             raise KeyError(f"{path} holds an adapter for {name!r}, which the model lacks")
-        if type(linear) is not nn.Linear:
-            raise TypeError(f"layer {name} is a {type(linear).__name__}, not an nn.Linear")
-        layer = METHODS[method].from_linear(linear, adapter_dtype=adapter_dtype, **cfg)
-        _set_submodule(model, name, layer)
-    sd = load_file(path, device=str(next(model.parameters()).device))
-    load_adapter_state_dict(model, sd)
+        if not is_wrappable(base):
+            raise TypeError(f"layer {name} is {_describe(base)}")
+        cfg = dict(cfg)
+        cls = METHODS[cfg.pop("method")]
+        cfg["adapter_dtype"] = getattr(torch, cfg["adapter_dtype"])
+        new[name] = (base, cls, cfg)
+        with torch.random.fork_rng(devices=[]):      # a check; the real build draws later
+            planned[name] = cls.shaped_like(base, device="meta", **cfg)
+    own = _adapter_tensors(planned)
+    _check_state(own, state, "the file")
+    for name, (base, cls, cfg) in new.items():
+        _set_submodule(model, name, cls.from_linear(base, **cfg))
+    load_adapter_state_dict(model, state)
+    _freeze_all_but_adapters(model)
     return list(configs)
 
 

@@ -10,6 +10,7 @@ ops (``polykern.ops``) for CUDA inputs when the extension is loaded, the referen
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from . import ops, reference
 
-__all__ = ["AdapterLinear", "PeraLinear", "GenLoraLinear"]
+__all__ = ["AdapterLinear", "PeraLinear", "GenLoraLinear", "is_conv1d", "is_wrappable"]
 
 
 def compute_inputs(x: Tensor, W: Tensor, bias: Optional[Tensor]):
@@ -53,6 +54,19 @@ def genlora_forward(x: Tensor, W: Tensor, bias: Optional[Tensor], Z_A, C_A, g_A,
     return fn(x, W, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling, x_adapter)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear, weight ``(in, out)``).
+    Never imports transformers: a model can only hold a Conv1D once transformers is loaded."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and type(module) is getattr(pytorch_utils, "Conv1D", None)
+
+
+def is_wrappable(module: nn.Module) -> bool:
+    """Whether the adapter layers wrap ``module``: exactly an ``nn.Linear`` (a subclass may
+    compute something else in its forward) or transformers' ``Conv1D``."""
+    return type(module) is nn.Linear or is_conv1d(module)
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
@@ -65,6 +79,10 @@ class AdapterLinear(nn.Module):
     """Shared base: a frozen ``nn.Linear`` (``weight (out, in)``, ``bias (out,)``) plus a low-rank
     update ``Delta W = s * B @ A`` whose factors a subclass generates from its parameters.
 
+    ``fan_in_fan_out=True`` holds the weight as transformers' ``Conv1D`` does, ``(in, out)``
+    (peft's name for it), so the layer can share a GPT-2 weight as it is; ``linear_weight`` is
+    the ``(out, in)`` view every computation uses.
+
     Subclasses define ``method``, ``adapter_parameter_names``, ``_config_extra()``,
     ``_factors()`` (reference generator: ``A (R, in)``, ``B (out, R)``) and ``_adapted``
     (base plus adapter on the path that serves the input).
@@ -74,44 +92,80 @@ class AdapterLinear(nn.Module):
     adapter_parameter_names: Tuple[str, ...] = ()
 
     def __init__(self, in_features: int, out_features: int, bias: bool, r: int,
-                 alpha: Optional[float], dropout: float, device, dtype) -> None:
+                 alpha: Optional[float], dropout: float, device, dtype,
+                 fan_in_fan_out: bool = False) -> None:
         super().__init__()
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
         self.r = _positive_int("r", r)
-        if alpha is not None and not isinstance(alpha, (int, float)):
+        if isinstance(alpha, bool) or (alpha is not None and not isinstance(alpha, (int, float))):
             raise TypeError(f"alpha must be a number or None, got {type(alpha).__name__}")
         self.alpha = float(r if alpha is None else alpha)
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be a positive finite number, got alpha={alpha!r}")
         self.scaling = self.alpha / self.r
         if not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be a probability in [0, 1), got dropout={dropout!r}")
         self.dropout = float(dropout)
         self.merged = False
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        self._warned_merged_training = False
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory),
-                                   requires_grad=False)
+        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
         else:
             self.register_parameter("bias", None)
         self._reset_base()
 
+    @property
+    def linear_weight(self) -> Tensor:
+        """The frozen weight as ``nn.Linear`` holds it, ``(out, in)`` (a view when
+        ``fan_in_fan_out``)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
     def _reset_base(self) -> None:
         # nn.Linear's own initialisation, so a fresh layer is a plain (frozen) linear.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.linear_weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
+    def reset_adapter_parameters(self) -> None:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Initialise the base and the adapter as the constructor does: torch's convention, for
+        a layer built on the meta device and given memory by ``to_empty``."""
+        self._reset_base()
+        self.reset_adapter_parameters()
+
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **cfg) -> "AdapterLinear":
-        """Wrap an existing ``nn.Linear``: the new layer shares its weight and bias storage (the
-        same ``Parameter`` objects, frozen), adapter parameters are created on its device."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+    def shaped_like(cls, linear: nn.Module, **cfg) -> "AdapterLinear":
+        """A new layer with the shapes, weight layout, device and dtype of ``linear`` (an
+        ``nn.Linear`` or transformers' ``Conv1D``) and a weight of its own; ``linear`` is not
+        touched. ``cfg`` goes to the constructor (``device="meta"`` builds a layer to check a
+        config and the adapter shapes without allocating)."""
+        fan_in_fan_out = is_conv1d(linear)
+        if not (fan_in_fan_out or isinstance(linear, nn.Linear)):
+            raise TypeError("from_linear expects an nn.Linear or transformers' Conv1D, got "
+                            f"{type(linear).__name__}")
         cfg.setdefault("device", linear.weight.device)
         cfg.setdefault("dtype", linear.weight.dtype)
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **cfg)
+        out_features, in_features = linear.weight.shape
+        if fan_in_fan_out:
+            in_features, out_features = out_features, in_features
+        return cls(in_features, out_features, bias=linear.bias is not None,
+                   fan_in_fan_out=fan_in_fan_out, **cfg)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, **cfg) -> "AdapterLinear":
+        """Wrap an existing ``nn.Linear``, or transformers' ``Conv1D`` (weight ``(in, out)``,
+        kept as it is with ``fan_in_fan_out=True``): the new layer shares its weight and bias
+        storage (the same ``Parameter`` objects, frozen), adapter parameters are created on its
+        device."""
+        layer = cls.shaped_like(linear, **cfg)
         layer.train(linear.training)  # an eval-mode model stays in eval mode (no adapter dropout)
         linear.weight.requires_grad_(False)
         layer.weight = linear.weight
@@ -160,7 +214,7 @@ class AdapterLinear(nn.Module):
         if not torch.isfinite(delta).all():
             raise ValueError(f"{type(self).__name__}.merge(): Delta W has NaN or inf entries; "
                              "refusing to write it into the frozen weight")
-        self.weight.add_(delta.to(self.weight.dtype))
+        self.linear_weight.add_(delta.to(self.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -169,7 +223,7 @@ class AdapterLinear(nn.Module):
         if not self.merged:
             warnings.warn(f"{type(self).__name__} is not merged; unmerge() did nothing")
             return
-        self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+        self.linear_weight.sub_(self.delta_weight().to(self.weight.dtype))
         self.merged = False
 
     def _check_input(self, x: Tensor) -> None:
@@ -186,8 +240,13 @@ class AdapterLinear(nn.Module):
         """``x (..., in) -> (..., out)``."""
         self._check_input(x)
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
-        x, W, bias = compute_inputs(x, self.weight, self.bias)
+            if self.training and torch.is_grad_enabled() and not self._warned_merged_training:
+                self._warned_merged_training = True
+                warnings.warn(f"{type(self).__name__} is merged and in training mode: its "
+                              "forward is one plain linear, so its adapter gets no gradient; "
+                              "call unmerge() before training (warned once per layer)")
+            return F.linear(x, self.linear_weight, self.bias)
+        x, W, bias = compute_inputs(x, self.linear_weight, self.bias)
         x_adapter = None
         if self.dropout > 0.0 and self.training:
             x_adapter = F.dropout(x, self.dropout, True)
@@ -197,7 +256,8 @@ class AdapterLinear(nn.Module):
         extra = ", ".join(f"{k}={v!r}" for k, v in self._config_extra().items())
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, r={self.r}, alpha={self.alpha:g}, {extra}, "
-                f"dropout={self.dropout:g}, merged={self.merged}")
+                f"dropout={self.dropout:g}, merged={self.merged}"
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
 
 
 def _adapter_factory(device, dtype, adapter_dtype):
@@ -219,8 +279,10 @@ class PeraLinear(AdapterLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 16,
                  alpha: Optional[float] = None, terms: str = "full", dropout: float = 0.0,
-                 init: str = "lora", device=None, dtype=None, adapter_dtype=None) -> None:
-        super().__init__(in_features, out_features, bias, r, alpha, dropout, device, dtype)
+                 init: str = "lora", device=None, dtype=None, adapter_dtype=None,
+                 fan_in_fan_out: bool = False) -> None:
+        super().__init__(in_features, out_features, bias, r, alpha, dropout, device, dtype,
+                         fan_in_fan_out)
         if terms not in reference.PERA_TERMS:
             raise ValueError(f"unknown PERA terms {terms!r}: expected one of "
                              f"{reference.PERA_TERMS}")
@@ -271,8 +333,10 @@ class GenLoraLinear(AdapterLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 16,
                  num_rbf: int = 32, latent_dim: int = 1, alpha: Optional[float] = None,
-                 dropout: float = 0.0, device=None, dtype=None, adapter_dtype=None) -> None:
-        super().__init__(in_features, out_features, bias, r, alpha, dropout, device, dtype)
+                 dropout: float = 0.0, device=None, dtype=None, adapter_dtype=None,
+                 fan_in_fan_out: bool = False) -> None:
+        super().__init__(in_features, out_features, bias, r, alpha, dropout, device, dtype,
+                         fan_in_fan_out)
         self.num_rbf = K = _positive_int("num_rbf", num_rbf)
         self.latent_dim = d = _positive_int("latent_dim", latent_dim)
         f = _adapter_factory(self.weight.device, self.weight.dtype, adapter_dtype)
@@ -289,22 +353,28 @@ class GenLoraLinear(AdapterLinear):
         """SPEC-GENLORA.md's initialisation: Delta W = 0 (M_B = 0), A's rows with the variance of
         LoRA's kaiming-uniform A (1 / (3 in))."""
         K, d = self.num_rbf, self.latent_dim
+        # Drawn and measured on the CPU in float64 and only then written, so a layer on the meta
+        # device initialises too (its parameters have no values to read back).
+        cpu64 = {"dtype": torch.float64, "device": "cpu"}
+        written = {}
         for x in ("a", "b"):
             Z = getattr(self, f"genlora_{x}_latent")
-            grid = torch.linspace(-1.0, 1.0, Z.shape[0], dtype=torch.float64)
-            for c in range(d):
-                Z[:, c].copy_(grid[torch.randperm(Z.shape[0])])
-            C = getattr(self, f"genlora_{x}_centers")
-            if d == 1:
-                C[:, 0].copy_(torch.linspace(-1.0, 1.0, K, dtype=torch.float64))
-            else:
-                C.copy_(torch.rand(K, d, dtype=torch.float64) * 2 - 1)
-            getattr(self, f"genlora_{x}_log_gamma").fill_(math.log(max(K * K / 4.0, 1e-3)))
-        phi = reference.rbf_basis(self.genlora_a_latent.double(), self.genlora_a_centers.double(),
-                                  self.genlora_a_log_gamma.double())
+            grid = torch.linspace(-1.0, 1.0, Z.shape[0], **cpu64)
+            written[f"genlora_{x}_latent"] = torch.stack(
+                [grid[torch.randperm(Z.shape[0], device="cpu")] for _ in range(d)], 1)
+            written[f"genlora_{x}_centers"] = (torch.linspace(-1.0, 1.0, K, **cpu64)[:, None]
+                                               if d == 1 else torch.rand(K, d, **cpu64) * 2 - 1)
+            written[f"genlora_{x}_log_gamma"] = torch.full(
+                (K,), math.log(max(K * K / 4.0, 1e-3)), **cpu64)
+        for name, value in written.items():
+            getattr(self, name).copy_(value)
+        # The scale is measured on the values as the parameters hold them (rounded to their dtype).
+        held = {n: v.to(getattr(self, n).dtype).double() for n, v in written.items()}
+        phi = reference.rbf_basis(held["genlora_a_latent"], held["genlora_a_centers"],
+                                  held["genlora_a_log_gamma"])
         mean_sq = phi.square().sum(1).mean().clamp_min(1e-12)
         std = math.sqrt(1.0 / (3.0 * self.in_features * float(mean_sq)))
-        self.genlora_a_mix.copy_(torch.randn(self.r, K, dtype=torch.float64) * std)
+        self.genlora_a_mix.copy_(torch.randn(self.r, K, **cpu64) * std)
         self.genlora_b_mix.zero_()
 
     def _config_extra(self) -> Dict:

@@ -4,16 +4,20 @@ peft's custom-module route (``LoraConfig._register_custom_module``, experimental
 layer type to a LoRA-layer class; :func:`register` maps ``nn.Linear`` to a
 :class:`PolykernLoraLinear` subclass bound to one polykern method and its options::
 
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
     import polykern.peft
 
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"])
     polykern.peft.register(config, method="pera", terms="full")   # or "genlora", num_rbf=32
     model = get_peft_model(model, config)            # train, merge_and_unload, save_pretrained
+    model.save_pretrained(path)                      # also writes polykern_adapter.json
     ...
-    config = LoraConfig.from_pretrained(path)       # the registration is not saved: do it again
-    polykern.peft.register(config, method="pera", terms="full")
-    model = PeftModel.from_pretrained(base_model, path, config=config)
+    model = polykern.peft.from_pretrained(base_model, path)   # registers and loads
+
+peft does not save a registration: a plain ``PeftModel.from_pretrained`` would build plain LoRA
+layers and warn of missing keys. ``save_pretrained`` of a registered config writes polykern's
+method and options (:data:`SPEC_FILE`) beside ``adapter_config.json``, and :func:`from_pretrained`
+reads them.
 
 The layer keeps peft's LoRA-layer contract (``base_layer``, adapters keyed by name, ``merge`` /
 ``unmerge`` / ``get_delta_weight``, ``active_adapters``, ``disable_adapters``) so peft's generic
@@ -29,6 +33,7 @@ initialise them (so a seeded ``get_peft_model`` starts from the same adapters as
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
@@ -49,8 +54,11 @@ from .modules import (AdapterLinear, GenLoraLinear, PeraLinear, compute_inputs,
 PEFT_MIN, PEFT_MAX = (0, 17), (0, 22)          # peft >= 0.17, < 0.22
 _ALLOW_UNTESTED = "POLYKERN_PEFT_ALLOW_UNTESTED"
 
-__all__ = ["register", "PolykernLoraLinear", "polykern_layers", "check_peft_version", "PEFT_MIN",
-           "PEFT_MAX"]
+__all__ = ["register", "from_pretrained", "PolykernLoraLinear", "polykern_layers",
+           "check_peft_version", "PEFT_MIN", "PEFT_MAX", "SPEC_FILE"]
+
+# Written by save_pretrained beside adapter_config.json: {"method": ..., "options": {...}}.
+SPEC_FILE = "polykern_adapter.json"
 
 
 def _version_tuple(text: str) -> Tuple[int, ...]:
@@ -150,12 +158,12 @@ class PolykernLoraLinear(nn.Module, _LoraLayer):
                     f"peft {_peft.__version__} does not tell a layer which LoraConfig a second "
                     "adapter comes from; adding adapters to polykern layers needs peft >= 0.19")
             return type(self).polykern_method, dict(type(self).polykern_options)
-        for cls in (getattr(config, "_custom_modules", None) or {}).values():
-            if isinstance(cls, type) and issubclass(cls, PolykernLoraLinear):
-                return cls.polykern_method, dict(cls.polykern_options)
-        raise ValueError("this layer carries polykern adapters; an adapter added to it needs a "
-                         "LoraConfig registered with polykern.peft.register (plain LoRA cannot "
-                         "share the layer)")
+        spec = _registered_spec(config)
+        if spec is None:
+            raise ValueError("this layer carries polykern adapters; an adapter added to it needs "
+                             "a LoraConfig registered with polykern.peft.register (plain LoRA "
+                             "cannot share the layer)")
+        return spec
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config=None,
                      **kwargs) -> None:
@@ -319,6 +327,27 @@ class PolykernLoraLinear(nn.Module, _LoraLayer):
         return ", ".join(f"{a}: {c}" for a, c in self.polykern_config.items())
 
 
+def _registered_spec(config) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """``(method, options)`` that :func:`register` gave ``config``, or None if not registered."""
+    for cls in (getattr(config, "_custom_modules", None) or {}).values():
+        if isinstance(cls, type) and issubclass(cls, PolykernLoraLinear):
+            return cls.polykern_method, dict(cls.polykern_options)
+    return None
+
+
+class _RegisteredLoraConfig(_LoraConfig):
+    """A LoraConfig that :func:`register` registered (it swaps the class in): ``save_pretrained``
+    also writes polykern's method and options to :data:`SPEC_FILE` beside the adapter, which
+    peft's own config file has no field for."""
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        super().save_pretrained(save_directory, **kwargs)
+        spec = _registered_spec(self)
+        if spec is not None:
+            with open(os.path.join(save_directory, SPEC_FILE), "w") as f:
+                json.dump({"method": spec[0], "options": spec[1]}, f, indent=2, sort_keys=True)
+
+
 def register(config, method: str = "pera", **options):
     """Make peft build polykern layers for ``config``'s target ``nn.Linear`` layers; returns
     ``config``. ``method`` is "pera", "genlora" or "lora" (PERA with ``terms="none"``);
@@ -326,9 +355,11 @@ def register(config, method: str = "pera", **options):
     (GenLoRA). ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``rank_pattern`` and
     ``alpha_pattern`` come from ``config``; targets that are not ``nn.Linear`` get peft's own LoRA.
 
-    peft does not save the registration: before ``PeftModel.from_pretrained`` register the loaded
-    ``LoraConfig`` again with the same method and options (a different ``terms``, ``num_rbf`` or
-    ``latent_dim`` changes the parameter shapes, and loading then fails).
+    peft does not save the registration; ``save_pretrained`` of a registered config writes it to
+    :data:`SPEC_FILE` beside the adapter, and :func:`from_pretrained` registers and loads in one
+    call. (To load with ``PeftModel.from_pretrained`` instead, register the loaded ``LoraConfig``
+    again with the same method and options: a different ``terms``, ``num_rbf`` or
+    ``latent_dim`` changes the parameter shapes, and loading then fails.)
     """
     if not isinstance(config, _LoraConfig):
         raise TypeError(f"register expects a peft LoraConfig, got {type(config).__name__}")
@@ -348,7 +379,28 @@ def register(config, method: str = "pera", **options):
                {"polykern_method": method, "polykern_options": dict(options),
                 "__module__": __name__})
     config._register_custom_module({nn.Linear: cls})
+    if type(config) is _LoraConfig:
+        config.__class__ = _RegisteredLoraConfig
     return config
+
+
+def from_pretrained(base_model: nn.Module, path: str, adapter_name: str = "default", **kwargs):
+    """``PeftModel.from_pretrained`` for an adapter saved from a registered config: reads the
+    ``LoraConfig`` and polykern's method and options saved beside it (:data:`SPEC_FILE`),
+    registers, loads. ``path`` is the local folder ``save_pretrained`` wrote; ``kwargs`` go to
+    ``PeftModel.from_pretrained`` (``is_trainable``, ``autocast_adapter_dtype``, ...)."""
+    spec_path = os.path.join(path, SPEC_FILE)
+    if not os.path.isfile(spec_path):
+        raise FileNotFoundError(
+            f"{path} has no {SPEC_FILE}: it was not saved from a LoraConfig registered with "
+            "polykern.peft.register (or was saved before polykern wrote that file). Register "
+            "the loaded LoraConfig with the method and options it was trained with, then call "
+            "PeftModel.from_pretrained(base_model, path, config=config)")
+    with open(spec_path) as f:
+        spec = json.load(f)
+    config = register(_LoraConfig.from_pretrained(path), spec["method"], **spec["options"])
+    return _peft.PeftModel.from_pretrained(base_model, path, adapter_name=adapter_name,
+                                           config=config, **kwargs)
 
 
 def polykern_layers(model: nn.Module) -> List[Tuple[str, PolykernLoraLinear]]:

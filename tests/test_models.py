@@ -1,6 +1,9 @@
 """Model helpers: inject, merge_and_unload, adapter state (dict and safetensors), counts; on a small
 model built in code and on a Hugging Face transformers model."""
 
+import json
+import struct
+
 import pytest
 import torch
 import torch.nn as nn
@@ -57,7 +60,7 @@ def test_inject_by_regex_and_errors():
     assert names == ["0.mlp.0", "0.mlp.2", "1.mlp.0", "1.mlp.2"]
     with pytest.raises(ValueError, match="unknown adapter method 'dora'"):
         polykern.inject_adapters(tiny_model(), ["q_proj"], method="dora")
-    with pytest.raises(ValueError, match="no nn.Linear in the model matches"):
+    with pytest.raises(ValueError, match="no module name in the model matches"):
         polykern.inject_adapters(tiny_model(), ["k_proj"])
     with pytest.raises(TypeError, match="target_modules must be"):
         polykern.inject_adapters(tiny_model(), [])
@@ -185,3 +188,194 @@ def test_save_adapters_from_gathered_state(tmp_path):
     assert torch.equal(a(x), b(x))
     with pytest.raises(KeyError, match="differ"):
         polykern.save_adapters(a, path, state_dict={"nope": torch.zeros(1)})
+
+
+def model_snapshot(model):
+    """Everything a load could change: module types, parameter values, dtypes and flags."""
+    return ([(n, type(m).__name__, m.training) for n, m in model.named_modules()],
+            [(n, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()])
+
+
+def assert_same_snapshot(before, after):
+    assert before[0] == after[0]
+    assert [(n, g) for n, _, g in before[1]] == [(n, g) for n, _, g in after[1]]
+    for (n, a, _), (_, b, _) in zip(before[1], after[1]):
+        assert a.dtype == b.dtype and torch.equal(a, b), n
+
+
+def test_load_adapters_freezes_the_rest_like_inject(tmp_path):
+    a = tiny_model()
+    polykern.inject_adapters(a, ["q_proj", "mlp.2"], method="genlora", r=2, num_rbf=4)
+    path = str(tmp_path / "a.safetensors")
+    polykern.save_adapters(a, path)
+    b = tiny_model()
+    polykern.load_adapters(b, path)
+    trainable = {n for n, p in b.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in a.named_parameters() if p.requires_grad}
+    assert trainable and all(n.split(".")[-1].startswith("genlora_") for n in trainable)
+    assert polykern.count_parameters(b) == polykern.count_parameters(a)
+
+
+class Wider(nn.Module):
+    """tiny_model's layout with a head of another width: the same names, other shapes."""
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.add_module("0", Block())
+        self.add_module("1", Block())
+        self.add_module("2", nn.Linear(24, 6))
+
+
+def test_failed_load_leaves_the_model_unchanged(tmp_path):
+    """Every check runs before the first change: a layer the model lacks, a tensor of another
+    shape, a config that differs (on a later layer than the first) leave the model as it was."""
+    a = tiny_model()
+    polykern.inject_adapters(a, ["q_proj", "2"], method="pera", r=3)
+    perturb_adapters(a)
+    path = str(tmp_path / "a.safetensors")
+    polykern.save_adapters(a, path)
+    lacking = nn.Sequential(Block(), Block())                  # no layer "2"
+    wider = Wider()                                            # "2" is (6, 24), the file's (5, 24)
+    differing = tiny_model()                                   # "1.q_proj" with another r
+    polykern.inject_adapters(differing, ["1.q_proj"], method="pera", r=4)
+    adapted = tiny_model()                                     # adapted alike, then a wrong shape
+    polykern.inject_adapters(adapted, ["q_proj", "2"], method="pera", r=3)
+    cases = [(lacking, KeyError, "which the model lacks"),
+             (wider, ValueError, r"shape \(5, 3\) in the file, \(6, 3\) in the model"),
+             (differing, ValueError, "differs from the file")]
+    for model, error, message in cases:
+        before = model_snapshot(model)
+        with pytest.raises(error, match=message):
+            polykern.load_adapters(model, path)
+        assert_same_snapshot(before, model_snapshot(model))
+    state = polykern.adapter_state_dict(a)
+    state["2.lora_B"] = torch.zeros(6, 3)                      # the last key, after the others
+    before = model_snapshot(adapted)
+    with pytest.raises(ValueError, match="2.lora_B"):
+        polykern.load_adapter_state_dict(adapted, state)
+    assert_same_snapshot(before, model_snapshot(adapted))
+
+
+def corrupt_tensor_bytes(path, key):
+    """Overwrite the middle bytes of tensor ``key`` in a safetensors file, header untouched."""
+    raw = bytearray(open(path, "rb").read())
+    (n,) = struct.unpack("<Q", raw[:8])
+    start, end = json.loads(raw[8:8 + n])[key]["data_offsets"]
+    mid = 8 + n + (start + end) // 2
+    raw[mid - 4:mid + 4] = b"\x7f" * 8                          # floats near 3e38
+    open(path, "wb").write(bytes(raw))
+
+
+@pytest.mark.parametrize("method", ["pera", "genlora"])
+def test_corrupted_tensor_bytes_are_refused(tmp_path, method):
+    a = tiny_model()
+    polykern.inject_adapters(a, ["q_proj", "v_proj"], method=method, r=3)
+    perturb_adapters(a)
+    path = str(tmp_path / "a.safetensors")
+    polykern.save_adapters(a, path)
+    key = sorted(polykern.adapter_state_dict(a))[2]
+    corrupt_tensor_bytes(path, key)
+    from safetensors.torch import load_file
+    assert not torch.equal(load_file(path)[key], polykern.adapter_state_dict(a)[key])
+    for b in (tiny_model(), a):                          # rebuilding, and loading in place
+        before = model_snapshot(b)
+        with pytest.raises(ValueError, match=f"checksum.*{key}|{key}.*checksum"):
+            polykern.load_adapters(b, path)
+        assert_same_snapshot(before, model_snapshot(b))
+
+
+def test_files_without_checksums_still_load(tmp_path):
+    """A file written before checksums (the same metadata less theirs) loads as it did."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    a = tiny_model()
+    polykern.inject_adapters(a, ["q_proj"], method="pera", r=2)
+    perturb_adapters(a)
+    path = str(tmp_path / "a.safetensors")
+    polykern.save_adapters(a, path)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    old = {k: v for k, v in meta.items() if "checksum" not in k}
+    assert len(old) < len(meta)                          # the new file has checksums to drop
+    old["polykern_format_version"] = "1"
+    save_file(load_file(path), path, metadata=old)
+    b = tiny_model()
+    polykern.load_adapters(b, path)
+    x = torch.randn(3, 24)
+    assert torch.equal(a(x), b(x))
+
+
+def test_config_mismatch_names_the_differing_keys(tmp_path):
+    a = tiny_model()
+    polykern.inject_adapters(a, ["q_proj"], method="pera", r=3, alpha=6, terms="full")
+    path = str(tmp_path / "a.safetensors")
+    polykern.save_adapters(a, path)
+    b = tiny_model()
+    polykern.inject_adapters(b, ["q_proj"], method="pera", r=4, alpha=6, terms="square")
+    with pytest.raises(ValueError) as err:
+        polykern.load_adapters(b, path)
+    message = str(err.value)
+    assert "r: model 4, file 3" in message and "terms: model 'square', file 'full'" in message
+    assert "alpha:" not in message and "dropout:" not in message   # those agree
+
+
+class WithOddLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)    # out_proj: a subclass of nn.Linear
+        self.conv = nn.Conv1d(8, 8, 1)
+        self.q_proj = nn.Linear(8, 8)
+
+
+def test_inject_says_why_nothing_matched():
+    model = WithOddLayers()
+    with pytest.raises(ValueError, match=r"attn\.out_proj is a NonDynamicallyQuantizableLinear, "
+                                         r"a subclass of nn\.Linear"):
+        polykern.inject_adapters(model, ["out_proj"])
+    with pytest.raises(ValueError, match=r"conv is a Conv1d"):
+        polykern.inject_adapters(model, ["conv"])
+    with pytest.raises(ValueError, match=r"regex matched against the full name.*\['q'\]"):
+        polykern.inject_adapters(tiny_model(), "q")
+    with pytest.raises(ValueError, match=r"end in 'q_proj'.*\['q_proj'\]"):
+        polykern.inject_adapters(tiny_model(), "q_proj")
+    polykern.inject_adapters(model, ["q_proj"], r=2)
+    with pytest.raises(ValueError, match=r"q_proj is already adapted \(a PeraLinear\)"):
+        polykern.inject_adapters(model, ["q_proj"], method="genlora", r=2)
+    assert all(type(m) is not PeraLinear for n, m in model.named_modules() if n != "q_proj")
+
+
+def tiny_gpt2(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    return transformers.GPT2Model(cfg).eval()
+
+
+@pytest.mark.parametrize("method", ["pera", "genlora"])
+def test_gpt2_conv1d_inject_train_save_merge_and_unload(tmp_path, method):
+    """GPT-2's linears are transformers' Conv1D (weight (in, out)): adapted as peft adapts them,
+    trained, saved and loaded into a fresh model, and merged back into Conv1D layers."""
+    from transformers.pytorch_utils import Conv1D
+    model = tiny_gpt2()
+    names = polykern.inject_adapters(model, ["c_attn", "mlp.c_fc"], method=method, r=4)
+    assert names == ["h.0.attn.c_attn", "h.0.mlp.c_fc", "h.1.attn.c_attn", "h.1.mlp.c_fc"]
+    perturb_adapters(model)
+    ids = torch.randint(0, 50, (3, 9))
+    out = model(input_ids=ids).last_hidden_state
+    out.square().mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert len(grads) == 4 * len(model.get_submodule(names[0]).adapter_parameter_names)
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+               for g in grads.values())
+    path = str(tmp_path / "gpt2.safetensors")
+    polykern.save_adapters(model, path)
+    fresh = tiny_gpt2()
+    polykern.load_adapters(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).last_hidden_state, out)
+        merged = polykern.merge_and_unload(model)
+        assert not polykern.models.adapter_modules(merged)
+        assert all(type(merged.get_submodule(n)) is Conv1D for n in names)
+        assert merged.get_submodule(names[0]).weight.shape == (32, 96)
+        torch.testing.assert_close(merged(input_ids=ids).last_hidden_state, out, rtol=1e-4,
+                                   atol=1e-5)

@@ -4,6 +4,7 @@ the layers dispatch to the compiled ops)."""
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -110,7 +111,7 @@ def test_module_gradcheck(kind, device):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_merge_unmerge(kind, dtype):
     torch.manual_seed(4)
-    layer = randomize(make(kind, dtype=dtype), 0.1)
+    layer = randomize(make(kind, dtype=dtype), 0.1).eval()   # a merged layer in training warns
     x = torch.randn(4, 37, dtype=dtype)
     w0 = layer.weight.detach().clone()
     y = layer(x)
@@ -129,7 +130,7 @@ def test_merge_unmerge(kind, dtype):
 
 
 def test_merged_forward_is_one_linear():
-    layer = randomize(make("pera"))
+    layer = randomize(make("pera")).eval()
     layer.merge()
     x = torch.randn(3, 37)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
@@ -325,3 +326,103 @@ def test_cuda_available_is_bool():
     assert isinstance(polykern.cuda_available(), bool)
     if not torch.cuda.is_available():
         assert polykern.cuda_available() is False
+
+
+@pytest.mark.parametrize("kind", ["pera", "genlora"])
+def test_merged_layer_in_training_warns_once(kind):
+    """A merged layer runs one plain linear: nothing reaches the adapters. Training it (training
+    mode, grad enabled) warns, once per layer; eval mode and no_grad stay silent."""
+    layers = [randomize(make(kind)).train() for _ in range(2)]
+    x = torch.randn(3, 37)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layers[0](x)                              # not merged: trains, no warning
+        for layer in layers:
+            layer.merge()
+        layers[0].eval()(x)
+        with torch.no_grad():
+            layers[0].train()(x)
+        assert not [w for w in caught if "merged" in str(w.message)]
+        for _ in range(3):
+            for layer in layers:
+                layer(x)
+    merged_warnings = [w for w in caught if "merged" in str(w.message)]
+    assert len(merged_warnings) == 2               # one for each layer
+    assert all(issubclass(w.category, UserWarning) for w in merged_warnings)
+    assert "unmerge" in str(merged_warnings[0].message)
+
+
+META_CASES = [("pera", {"init": "lora"}), ("pera", {"init": "pera", "terms": "cross"}),
+              ("genlora", {"latent_dim": 1}), ("genlora", {"latent_dim": 3})]
+
+
+@pytest.mark.parametrize("kind,cfg", META_CASES)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None),
+                                                 (torch.bfloat16, torch.float32)])
+def test_builds_on_meta_and_reset_parameters_matches_constructor(kind, cfg, dtype,
+                                                                 adapter_dtype):
+    """FSDP2's meta-device route: build on meta, ``to_empty``, ``reset_parameters()``; the
+    result is the layer the constructor makes from the same seed, bit for bit."""
+    with torch.device("meta"):
+        layer = make(kind, dtype=dtype, adapter_dtype=adapter_dtype, **cfg)
+    assert all(t.is_meta for t in layer.state_dict().values())
+    layer.to_empty(device="cpu")
+    torch.manual_seed(12)
+    layer.reset_parameters()
+    torch.manual_seed(12)
+    fresh = make(kind, dtype=dtype, adapter_dtype=adapter_dtype, **cfg)
+    mine, theirs = layer.state_dict(), fresh.state_dict()
+    assert list(mine) == list(theirs)
+    for k in mine:
+        assert mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]), k
+    assert any(torch.count_nonzero(t) for t in layer.adapter_parameters())
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == \
+        set(layer.adapter_parameter_names)
+
+
+@pytest.mark.parametrize("kind", ["pera", "genlora"])
+def test_builds_under_accelerate_init_empty_weights(kind):
+    accelerate = pytest.importorskip("accelerate")
+    with accelerate.init_empty_weights():
+        layer = make(kind)
+    assert all(p.is_meta for p in layer.parameters())
+
+
+@pytest.mark.parametrize("alpha", [0, 0.0, -2.0, float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("kind", ["pera", "genlora"])
+def test_alpha_must_be_positive_and_finite(kind, alpha):
+    with pytest.raises(ValueError, match="alpha must be a positive finite number"):
+        make(kind, alpha=alpha)
+    assert make(kind, alpha=0.5).scaling == 0.5 / 5      # a small positive alpha is fine
+
+
+@pytest.mark.parametrize("kind", ["pera", "genlora"])
+def test_from_linear_wraps_gpt2_conv1d(kind):
+    """transformers' Conv1D (GPT-2) holds its weight as (in, out): the layer shares it as it is
+    and computes what an adapted nn.Linear with the transposed weight computes."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(13)
+    conv = pytorch_utils.Conv1D(53, 37)                   # nf = out, nx = in
+    with torch.no_grad():
+        conv.bias.normal_()
+    cls = PeraLinear if kind == "pera" else GenLoraLinear
+    layer = cls.from_linear(conv, r=4)
+    assert (layer.in_features, layer.out_features) == (37, 53)
+    assert layer.weight is conv.weight and layer.weight.shape == (37, 53)
+    x = torch.randn(2, 5, 37, requires_grad=True)
+    assert torch.equal(layer(x), conv(x))                 # a fresh adapter adds nothing
+    randomize(layer)
+    A, B = layer._factors()
+    expected = ref.adapter_linear(x, conv.weight.t(), conv.bias, A, B, layer.scaling)
+    y = layer(x)
+    assert_verbose_allclose(y, expected, 1e-6, 1e-6, "Conv1D-based layer")
+    y.square().sum().backward()
+    assert all(p.grad is not None for p in layer.adapter_parameters())
+    assert conv.weight.grad is None
+    w0 = conv.weight.detach().clone()
+    with torch.no_grad():
+        layer.merge()
+        assert_verbose_allclose(conv(x), expected, 1e-5, 1e-5, "merged Conv1D weight")
+        assert_verbose_allclose(layer(x), expected, 1e-5, 1e-5, "merged layer")
+        layer.unmerge()
+    assert_verbose_allclose(conv.weight, w0, 1e-6, 1e-6, "unmerged Conv1D weight")

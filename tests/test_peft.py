@@ -2,6 +2,7 @@
 train, merge, save and load as polykern's own layers do, and peft's generic code (adapter switching,
 enable/disable, device and dtype moves) works on them."""
 
+import json
 import warnings
 
 import pytest
@@ -343,3 +344,40 @@ def test_autocast_with_bias_matches_polykern_layers(method, opts, device):
         a, b = pm(x), native(x)
     assert a.dtype == b.dtype
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method,opts", METHODS)
+def test_from_pretrained_registers_and_loads_in_one_call(tmp_path, method, opts):
+    """save_pretrained writes polykern's method and options beside the adapter; from_pretrained
+    reads them, registers and loads: the same layers, tensors and outputs, bit for bit."""
+    native = native_model(method, opts)
+    perturb_adapters(native)
+    pm = peft_model(method, opts)
+    copy_native_into_peft(pm, native)
+    pm.save_pretrained(str(tmp_path))
+    spec = json.loads((tmp_path / pk_peft.SPEC_FILE).read_text())
+    expected = ("genlora", opts) if method == "genlora" else ("pera", {"terms": "none"}
+                                                               if method == "lora" else opts)
+    assert (spec["method"], spec["options"]) == expected
+    loaded = pk_peft.from_pretrained(tiny_model(seed=0), str(tmp_path))
+    assert isinstance(loaded, PeftModel)
+    layers = pk_peft.polykern_layers(loaded)
+    assert [n for n, _ in layers] == [n for n, _ in pk_peft.polykern_layers(pm)]
+    for (_, a), (_, b) in zip(layers, pk_peft.polykern_layers(pm)):
+        assert a.polykern_config == b.polykern_config
+        assert all(torch.equal(u, v) for u, v in zip(a.adapter_tensors("default"),
+                                                      b.adapter_tensors("default")))
+    x = torch.randn(3, 24)
+    pm.eval()
+    assert torch.equal(loaded(x), pm(x))
+    assert not any(p.requires_grad for p in loaded.parameters())     # peft's default: inference
+    trainable = pk_peft.from_pretrained(tiny_model(seed=0), str(tmp_path), is_trainable=True)
+    assert polykern.count_parameters(trainable) == polykern.count_parameters(pm)
+
+
+def test_from_pretrained_refuses_an_adapter_saved_without_polykern(tmp_path):
+    plain = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=TARGETS))
+    plain.save_pretrained(str(tmp_path))
+    assert not (tmp_path / pk_peft.SPEC_FILE).exists()
+    with pytest.raises(FileNotFoundError, match="register"):
+        pk_peft.from_pretrained(tiny_model(), str(tmp_path))
