@@ -136,6 +136,21 @@ def _forward_backward(forward: Callable, x: Tensor, params: Sequence[Tensor], gr
     return [y] + grads
 
 
+def _layer_forward(layer: AdapterLinear) -> Callable:
+    """``f(x, params) -> y``: the layer's own forward with these adapter parameters, as in eval
+    mode (no dropout)."""
+    names = layer.adapter_parameter_names
+
+    def forward(xin, p):
+        was_training = layer.training
+        layer.train(False)
+        try:
+            return torch.func.functional_call(layer, dict(zip(names, p)), (xin,))
+        finally:
+            layer.train(was_training)
+    return forward
+
+
 def layer_outputs(layer: AdapterLinear, x: Tensor, grad_y: Tensor, path: str,
                   reverse_rows: bool = False) -> List[Tensor]:
     """Forward and backward of ``layer`` on ``x`` (any layout) for the output gradient ``grad_y``:
@@ -156,15 +171,7 @@ def layer_outputs(layer: AdapterLinear, x: Tensor, grad_y: Tensor, path: str,
               for p, t in zip(layer.adapter_parameters(), trainable)]
     x, grad_y = cast(x), cast(grad_y)
     if path == "layer":
-        names = layer.adapter_parameter_names
-
-        def forward(xin, p):
-            was_training = layer.training
-            layer.train(False)
-            try:
-                return torch.func.functional_call(layer, dict(zip(names, p)), (xin,))
-            finally:
-                layer.train(was_training)
+        forward = _layer_forward(layer)
     else:
         ref = _reference_forward(layer)
         W = cast(layer.weight.detach())
@@ -178,7 +185,7 @@ def layer_outputs(layer: AdapterLinear, x: Tensor, grad_y: Tensor, path: str,
 @dataclass
 class LayerCheck:
     """What :func:`check_layer` found: one row per compared tensor (``y``, ``x`` for grad x,
-    then each trainable adapter parameter's gradient) with the layer's error against float64,
+    each trainable adapter parameter's gradient, ``y (no grad)``) with the layer's error against float64,
     the same-dtype reference's error and the bound; ``passed`` when every row is within it."""
     what: str
     rows: List[dict] = field(default_factory=list)
@@ -213,7 +220,7 @@ def check_layer(layer: AdapterLinear, x: Tensor, *, randomize: bool = True, seed
                 factor: float = 2.0, what: Optional[str] = None) -> LayerCheck:
     """Forward and every gradient of ``layer`` on ``x`` against the reference in float64 and in
     the layer's dtype (``layer``'s device, ``x``'s layout: strided or 3-D inputs reach the layer
-    as they are). Passes when, for each tensor, the layer's error against float64 is at most
+    as they are), and the forward under ``torch.no_grad()`` (the inference path). Passes when, for each tensor, the layer's error against float64 is at most
     ``factor`` x the larger error of two same-dtype reference runs (rows in order and reversed),
     plus 4 ulps; its output and gradients must also have the reference's dtype and shape and be
     finite where the reference is.
@@ -240,8 +247,14 @@ def check_layer(layer: AdapterLinear, x: Tensor, *, randomize: bool = True, seed
     same = list(zip(layer_outputs(layer, x, grad_y, "reference"),
                     layer_outputs(layer, x, grad_y, "reference", reverse_rows=True)))
     exact = layer_outputs(layer, x, grad_y, "float64")
+    with torch.no_grad():  # the inference path (on CUDA its own op): y alone, nothing kept
+        y_inference = _layer_forward(layer)(x, [p.detach() for p in layer.adapter_parameters()])
     names = ["y", "x"] + [n for n, p in zip(layer.adapter_parameter_names,
                                             layer.adapter_parameters()) if p.requires_grad]
+    names.append("y (no grad)")
+    fast.append(y_inference)
+    same.append(same[0])
+    exact.append(exact[0])
     result = LayerCheck(what)
     for name, f, s, e in zip(names, fast, same, exact):
         problem = None

@@ -76,7 +76,7 @@ def test_check_layer_passes_on_the_package_layers(cls, cfg, dtype, layout):
     assert result.passed, result.summary()
     assert result.assert_passed() is result
     names = [r["name"] for r in result.rows]
-    assert names == ["y", "x"] + list(layer.adapter_parameter_names)
+    assert names == ["y", "x"] + list(layer.adapter_parameter_names) + ["y (no grad)"]
     for r in result.rows:  # a real comparison: the reference's own error is not zero
         assert 0 < r["ref_err"] and r["err"] <= r["bound"], r
 
@@ -86,7 +86,7 @@ def test_check_layer_fp32_adapters_and_frozen_parameter():
     layer.pera_h.requires_grad_(False)
     result = check_layer(layer, torch.randn(2, 9, N_IN, dtype=torch.bfloat16))
     assert result.passed, result.summary()
-    assert [r["name"] for r in result.rows] == ["y", "x", "lora_A", "lora_B"]
+    assert [r["name"] for r in result.rows] == ["y", "x", "lora_A", "lora_B", "y (no grad)"]
 
 
 def test_check_layer_leaves_the_layer_alone():
@@ -116,7 +116,7 @@ def test_check_layer_fails_on_a_broken_backward():
 def test_check_layer_fails_on_a_broken_forward(dtype):
     layer, x = layer_and_input(BrokenForwardGenLora, dtype, "strided")
     result = check_layer(layer, x)
-    assert "y" in {r["name"] for r in result.failures()}
+    assert {"y", "y (no grad)"} <= {r["name"] for r in result.failures()}
     with pytest.raises(AssertionError, match="BrokenForwardGenLora"):
         result.assert_passed()
 
@@ -128,7 +128,8 @@ def test_check_layer_flags_non_finite_output():
             return torch.where(torch.arange(y.shape[-1]) == 3, float("nan"), y)
     layer, x = layer_and_input(Unwritten, torch.float32, "3d")
     rows = {r["name"]: r for r in check_layer(layer, x).rows}
-    assert not rows["y"]["passed"] and rows["y"]["problem"].startswith("non-finite")
+    for name in ("y", "y (no grad)"):
+        assert not rows[name]["passed"] and rows[name]["problem"].startswith("non-finite")
 
 
 def test_check_layer_rejects_what_it_cannot_check():
