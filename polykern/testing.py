@@ -5,7 +5,8 @@ Usable from any pytest suite (nothing here needs polykern's repository)::
     from polykern.testing import check_layer, gradcheck_layer
     def test_my_adapter():
         layer = PeraLinear(4096, 1024, r=16, device="cuda", dtype=torch.bfloat16)
-        check_layer(layer, torch.randn(8, 77, 4096, device="cuda", dtype=torch.bfloat16)).assert_passed()
+        x = torch.randn(8, 77, 4096, device="cuda", dtype=torch.bfloat16)
+        check_layer(layer, x).assert_passed()
         gradcheck_layer(layer)
 
 The rule (flash-attention's): the layer's error against float64 is at most 2x the error of the
@@ -29,7 +30,8 @@ from . import ops, reference
 from .modules import AdapterLinear, GenLoraLinear, PeraLinear
 
 __all__ = ["eps", "rel_err", "ref_error_bound", "assert_within_ref_error", "strided",
-           "randomize_adapter_", "layer_outputs", "check_layer", "LayerCheck", "gradcheck_layer", "opcheck_layer"]
+           "randomize_adapter_", "layer_outputs", "check_layer", "LayerCheck", "gradcheck_layer",
+           "opcheck_layer"]
 
 
 def eps(dtype: torch.dtype) -> float:
@@ -185,8 +187,9 @@ def layer_outputs(layer: AdapterLinear, x: Tensor, grad_y: Tensor, path: str,
 @dataclass
 class LayerCheck:
     """What :func:`check_layer` found: one row per compared tensor (``y``, ``x`` for grad x,
-    each trainable adapter parameter's gradient, ``y (no grad)``) with the layer's error against float64,
-    the same-dtype reference's error and the bound; ``passed`` when every row is within it."""
+    each trainable adapter parameter's gradient, ``y (no grad)``) with the layer's error
+    against float64, the same-dtype reference's error and the bound; ``passed`` when every row
+    is within it."""
     what: str
     rows: List[dict] = field(default_factory=list)
 
@@ -220,10 +223,11 @@ def check_layer(layer: AdapterLinear, x: Tensor, *, randomize: bool = True, seed
                 factor: float = 2.0, what: Optional[str] = None) -> LayerCheck:
     """Forward and every gradient of ``layer`` on ``x`` against the reference in float64 and in
     the layer's dtype (``layer``'s device, ``x``'s layout: strided or 3-D inputs reach the layer
-    as they are), and the forward under ``torch.no_grad()`` (the inference path). Passes when, for each tensor, the layer's error against float64 is at most
-    ``factor`` x the larger error of two same-dtype reference runs (rows in order and reversed),
-    plus 4 ulps; its output and gradients must also have the reference's dtype and shape and be
-    finite where the reference is.
+    as they are), and the forward under ``torch.no_grad()`` (the inference path). Passes when,
+    for each tensor, the layer's error against float64 is at most ``factor`` x the larger error
+    of two same-dtype reference runs (rows in order and reversed), plus 4 ulps; its output and
+    gradients must also have the reference's dtype and shape and be finite where the reference
+    is.
 
     ``randomize`` (default): check a copy whose adapter parameters are random (seeded by
     ``seed``); a fresh layer's Delta W is 0, which makes its gradients trivially right. Pass
