@@ -57,8 +57,8 @@ if [ "$PART" = all ] || [ "$PART" = tests ]; then
     [ "$s" -eq 0 ] || fail "compute-sanitizer $tool"
   done
   echo "sanitizer: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.txt"
-  if python3 -c "import polykern.selftest" 2> /dev/null; then
-    python3 -m polykern selftest --json "$OUT/selftest_h100.json" > "$OUT/selftest.txt" 2>&1 \
+  if python3 -c "import polykern.selftest" 2> /dev/null; then  # issue 26
+    python3 -m polykern.selftest --quick --json "$OUT/selftest_h100.json" > "$OUT/selftest.txt" 2>&1 \
       || fail "selftest"
     tail -3 "$OUT/selftest.txt"
   fi
