@@ -19,14 +19,13 @@ using OptT = std::optional<Tensor>;
 using Mask = std::array<bool, 3>;
 
 // ---- typed handles of the ops the nodes call (looked up once) ------------------------------
-using PeraFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+using PeraFwdSig = std::tuple<Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, double, const OptT&);
 using PeraBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const Tensor&, const Tensor&, double, const Tensor&, const Tensor&,
-    const Tensor&, Mask);
-using GenFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, double, const Tensor&, Mask);
+using GenFwdSig = std::tuple<Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
     const OptT&);
@@ -34,7 +33,7 @@ using GenBwdSig =
     std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
         const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&, const Tensor&,
         const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-        const Tensor&, double, const Tensor&, const Tensor&, const Tensor&, Mask);
+        const Tensor&, double, const Tensor&, Mask);
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> handle(const char* name) {
@@ -87,8 +86,8 @@ struct PeraFunction : public torch::autograd::Function<PeraFunction> {
                         const Tensor& pair_j, double scaling, const OptT& x_adapter) {
     static const auto op = handle<PeraFwdSig>("polykern::pera_linear");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, U, A_gen, B_gen] = op.call(x, W, bias, A, B, h, pair_i, pair_j, scaling, x_adapter);
-    ctx->save_for_backward({x, W, U, A_gen, B_gen, A, B, h, pair_i, pair_j,
+    auto [y, U] = op.call(x, W, bias, A, B, h, pair_i, pair_j, scaling, x_adapter);
+    ctx->save_for_backward({x, W, U, A, B, h, pair_i, pair_j,
                             present(x_adapter) ? *x_adapter : Tensor()});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["has_bias"] = present(bias);
@@ -98,8 +97,8 @@ struct PeraFunction : public torch::autograd::Function<PeraFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = handle<PeraBwdSig>("polykern::pera_linear_backward");
     const auto s = ctx->get_saved_variables();
-    const Tensor &x = s[0], &W = s[1], &U = s[2], &A_gen = s[3], &B_gen = s[4];
-    const Tensor &A = s[5], &B = s[6], &h = s[7], &pi = s[8], &pj = s[9], &xa = s[10];
+    const Tensor &x = s[0], &W = s[1], &U = s[2];
+    const Tensor &A = s[3], &B = s[4], &h = s[5], &pi = s[6], &pj = s[7], &xa = s[8];
     const bool has_xa = xa.defined();
     const EdgeMap e = edge_map(ctx, 3, 2, has_xa);  // A, B, h; pair_i, pair_j
     const Mask& mask = e.mask;
@@ -107,7 +106,7 @@ struct PeraFunction : public torch::autograd::Function<PeraFunction> {
     if (mask[0] || mask[1] || mask[2]) {
       std::tie(gx, gxa, gA, gB, gh) =
           op.call(grads[0], x, has_xa ? OptT(xa) : OptT(), W, A, B, h, pi, pj,
-                  ctx->saved_data["scaling"].toDouble(), U, A_gen, B_gen, mask);
+                  ctx->saved_data["scaling"].toDouble(), U, mask);
     }
     base_grads(grads[0], x, needs(ctx, e.W), needs(ctx, e.b), gW, gb);
     auto keep = [&](const Tensor& g, int64_t edge) { return needs(ctx, edge) ? g : Tensor(); };
@@ -124,9 +123,9 @@ struct GenLoraFunction : public torch::autograd::Function<GenLoraFunction> {
                         const OptT& x_adapter) {
     static const auto op = handle<GenFwdSig>("polykern::genlora_linear");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, U, A_gen, B_gen] = op.call(x, W, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B,
-                                        scaling, x_adapter);
-    ctx->save_for_backward({x, W, U, A_gen, B_gen, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B,
+    auto [y, U] = op.call(x, W, bias, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling,
+                          x_adapter);
+    ctx->save_for_backward({x, W, U, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B,
                             present(x_adapter) ? *x_adapter : Tensor()});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["has_bias"] = present(bias);
@@ -136,15 +135,14 @@ struct GenLoraFunction : public torch::autograd::Function<GenLoraFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = handle<GenBwdSig>("polykern::genlora_linear_backward");
     const auto s = ctx->get_saved_variables();
-    const Tensor &x = s[0], &W = s[1], &U = s[2], &A_gen = s[3], &B_gen = s[4], &xa = s[13];
+    const Tensor &x = s[0], &W = s[1], &U = s[2], &xa = s[11];
     const bool has_xa = xa.defined();
     const EdgeMap e = edge_map(ctx, 8, 0, has_xa);
     const Mask& mask = e.mask;
     std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> g;
     if (mask[0] || mask[1] || mask[2]) {
-      g = op.call(grads[0], x, has_xa ? OptT(xa) : OptT(), W, s[5], s[6], s[7], s[8], s[9],
-                  s[10], s[11], s[12], ctx->saved_data["scaling"].toDouble(), U, A_gen, B_gen,
-                  mask);
+      g = op.call(grads[0], x, has_xa ? OptT(xa) : OptT(), W, s[3], s[4], s[5], s[6], s[7],
+                  s[8], s[9], s[10], ctx->saved_data["scaling"].toDouble(), U, mask);
     }
     Tensor gW, gb;
     base_grads(grads[0], x, needs(ctx, e.W), needs(ctx, e.b), gW, gb);

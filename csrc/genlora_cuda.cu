@@ -756,7 +756,7 @@ std::tuple<Tensor, Tensor> genlora_expand_op(const Tensor& Z_A, const Tensor& C_
   return synth(p, scaling, dtype);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> genlora_linear_op(
+std::tuple<Tensor, Tensor> genlora_linear_op(
     const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias, const Tensor& Z_A,
     const Tensor& C_A, const Tensor& g_A, const Tensor& M_A, const Tensor& Z_B, const Tensor& C_B,
     const Tensor& g_B, const Tensor& M_B, double scaling,
@@ -769,8 +769,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> genlora_linear_op(
   }
   const c10::cuda::CUDAGuard guard(x.device());
   auto [A_gen, B_gen] = synth(p, scaling, x.scalar_type());
-  auto [y, U] = adapter_forward(x, W, bias, A_gen, B_gen, x_adapter);
-  return {y, U, A_gen, B_gen};
+  return adapter_forward(x, W, bias, A_gen, B_gen, x_adapter);
 }
 
 Tensor genlora_linear_inference_op(const Tensor& x, const Tensor& W,
@@ -792,15 +791,16 @@ genlora_linear_backward_op(const Tensor& grad_y, const Tensor& x,
                            const Tensor& Z_A, const Tensor& C_A, const Tensor& g_A,
                            const Tensor& M_A, const Tensor& Z_B, const Tensor& C_B,
                            const Tensor& g_B, const Tensor& M_B, double scaling, const Tensor& U,
-                           const Tensor& A_gen, const Tensor& B_gen,
                            std::array<bool, 3> output_mask) {
   check_cuda(grad_y, "grad_y", x);
+  check_cuda(U, "U", x);
   const c10::cuda::CUDAGuard guard(x.device());
+  GenParams p{Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B};
+  auto [A_gen, B_gen] = synth(p, scaling, grad_y.scalar_type());
   auto [gX, gXa, gA_gen, gB_gen] = adapter_backward(grad_y, x, x_adapter, W, A_gen, B_gen, U,
                                                     output_mask[0], output_mask[1],
                                                     output_mask[2]);
   if (output_mask[2]) {
-    GenParams p{Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B};
     auto g = synth_backward(gA_gen, gB_gen, p, scaling);
     return {gX, gXa, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
   }

@@ -532,7 +532,7 @@ std::tuple<Tensor, Tensor> pera_expand_op(const Tensor& A, const Tensor& B, cons
   return expand(A, B, h, pair_i, pair_j, scaling, dtype);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> pera_linear_op(
+std::tuple<Tensor, Tensor> pera_linear_op(
     const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias, const Tensor& A,
     const Tensor& B, const Tensor& h, const Tensor& pair_i, const Tensor& pair_j,
     double scaling, const std::optional<Tensor>& x_adapter) {
@@ -543,8 +543,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pera_linear_op(
   }
   const c10::cuda::CUDAGuard guard(x.device());
   auto [A_gen, B_gen] = expand(A, B, h, pair_i, pair_j, scaling, x.scalar_type());
-  auto [y, U] = adapter_forward(x, W, bias, A_gen, B_gen, x_adapter);
-  return {y, U, A_gen, B_gen};
+  return adapter_forward(x, W, bias, A_gen, B_gen, x_adapter);
 }
 
 Tensor pera_linear_inference_op(const Tensor& x, const Tensor& W,
@@ -561,10 +560,11 @@ Tensor pera_linear_inference_op(const Tensor& x, const Tensor& W,
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pera_linear_backward_op(
     const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& x_adapter,
     const Tensor& W, const Tensor& A, const Tensor& B, const Tensor& h, const Tensor& pair_i,
-    const Tensor& pair_j, double scaling, const Tensor& U, const Tensor& A_gen,
-    const Tensor& B_gen, std::array<bool, 3> output_mask) {
+    const Tensor& pair_j, double scaling, const Tensor& U, std::array<bool, 3> output_mask) {
   check_cuda(grad_y, "grad_y", x);
+  check_cuda(U, "U", x);
   const c10::cuda::CUDAGuard guard(x.device());
+  auto [A_gen, B_gen] = expand(A, B, h, pair_i, pair_j, scaling, grad_y.scalar_type());
   auto [gX, gXa, gA_gen, gB_gen] = adapter_backward(grad_y, x, x_adapter, W, A_gen, B_gen, U,
                                                     output_mask[0], output_mask[1],
                                                     output_mask[2]);

@@ -6,9 +6,11 @@
 // PERA:    A (r, n), B (m, r), h (P,), pair_i/pair_j (P,) int64; R = r + P.
 // GenLoRA: Z_A (n, d), C_A (K, d), g_A (K,), M_A (r, K), Z_B (m, d), C_B (K, d), g_B (K,),
 //          M_B (K, r); R = r.
-// Forward ops return (y, U, A_gen, B_gen): y (..., m); U = x_a A_gen^T (N, R); the generated
-// factors A_gen (R, n) and B_gen = scaling * B_hat (m, R) in the compute dtype (x's), saved for
-// the backward. x_adapter (the adapter path's input after dropout) defaults to x.
+// Forward ops return (y, U): y (..., m) and U = x_a A_gen^T (N, R), saved for the backward, with
+// A_gen (R, n) and B_gen = scaling * B_hat (m, R) the generated factors in the compute dtype
+// (x's). The backward generates the factors again (one small launch) rather than keep them from
+// the forward: 200 MB over 8 Llama-3-8B-shaped layers with PERA full r = 16. x_adapter (the
+// adapter path's input after dropout) defaults to x.
 // Backward ops take output_mask = [grad x, grad x_adapter, grads of the adapter parameters] and
 // return empty tensors for what is not asked.
 #include <Python.h>
@@ -27,22 +29,20 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(polykern, m) {
   m.def(
       "pera_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor h, "
-      "Tensor pair_i, Tensor pair_j, float scaling, Tensor? x_adapter) "
-      "-> (Tensor y, Tensor U, Tensor A_gen, Tensor B_gen)");
+      "Tensor pair_i, Tensor pair_j, float scaling, Tensor? x_adapter) -> (Tensor y, Tensor U)");
   m.def(
       "pera_linear_backward(Tensor grad_y, Tensor x, Tensor? x_adapter, Tensor weight, Tensor A, "
-      "Tensor B, Tensor h, Tensor pair_i, Tensor pair_j, float scaling, Tensor U, Tensor A_gen, "
-      "Tensor B_gen, bool[3] output_mask) "
+      "Tensor B, Tensor h, Tensor pair_i, Tensor pair_j, float scaling, Tensor U, "
+      "bool[3] output_mask) "
       "-> (Tensor grad_x, Tensor grad_x_adapter, Tensor grad_A, Tensor grad_B, Tensor grad_h)");
   m.def(
       "genlora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor Z_A, Tensor C_A, Tensor g_A, "
       "Tensor M_A, Tensor Z_B, Tensor C_B, Tensor g_B, Tensor M_B, float scaling, "
-      "Tensor? x_adapter) "
-      "-> (Tensor y, Tensor U, Tensor A_gen, Tensor B_gen)");
+      "Tensor? x_adapter) -> (Tensor y, Tensor U)");
   m.def(
       "genlora_linear_backward(Tensor grad_y, Tensor x, Tensor? x_adapter, Tensor weight, "
       "Tensor Z_A, Tensor C_A, Tensor g_A, Tensor M_A, Tensor Z_B, Tensor C_B, Tensor g_B, "
-      "Tensor M_B, float scaling, Tensor U, Tensor A_gen, Tensor B_gen, bool[3] output_mask) "
+      "Tensor M_B, float scaling, Tensor U, bool[3] output_mask) "
       "-> (Tensor grad_x, Tensor grad_x_adapter, Tensor grad_Z_A, Tensor grad_C_A, "
       "Tensor grad_g_A, Tensor grad_M_A, Tensor grad_Z_B, Tensor grad_C_B, Tensor grad_g_B, "
       "Tensor grad_M_B)");

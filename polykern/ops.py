@@ -2,10 +2,11 @@
 ``csrc/*.cu``), with their fake (meta) implementations and autograd formulas.
 
 One forward op and one backward op per method, so that a training step costs two dispatches on the
-host: ``pera_linear`` / ``genlora_linear`` return ``(y, U, A_gen, B_gen)`` where
-``U = x_a A_gen^T (N, R)`` and the generated factors ``A_gen (R, in)`` and ``B_gen (out, R)``
-(scaling folded in, compute dtype) are kept for the backward; ``*_linear_backward`` returns the
-input gradients and, through the generator's chain rule, the gradients of the adapter parameters.
+host: ``pera_linear`` / ``genlora_linear`` return ``(y, U)`` with ``U = x_a A_gen^T (N, R)``
+for the generated factor ``A_gen (R, in)``; ``*_linear_backward`` generates ``A_gen`` and
+``B_gen (out, R)`` again from the parameters (one small launch; keeping them would hold 200 MB
+over 8 Llama-3-8B-shaped layers with PERA full r = 16) and returns the input gradients and,
+through the generator's chain rule, the gradients of the adapter parameters.
 
 The entry points below pick one of three ops per call: ``*_linear_eager`` in plain eager autograd
 (one C++ autograd node, ``csrc/autograd.cpp``), ``*_linear_inference`` when nothing needs a
@@ -76,10 +77,8 @@ if extension_loaded():
                 and torch.ops.polykern._fused_gemm_on(x.device.index or 0))
 
     def _fake_forward(x, weight, R):
-        n, m = x.shape[-1], weight.shape[0]
         N = math.prod(x.shape[:-1])
-        y = x.new_empty((*x.shape[:-1], m))
-        return y, x.new_empty((N, R)), x.new_empty((R, n)), x.new_empty((m, R))
+        return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((N, R))
 
     @torch.library.register_fake("polykern::pera_linear")
     def _(x, weight, bias, A, B, h, pair_i, pair_j, scaling, x_adapter):
@@ -101,8 +100,7 @@ if extension_loaded():
         return t.new_empty(t.shape) if needed else t.new_empty((0,))
 
     @torch.library.register_fake("polykern::pera_linear_backward")
-    def _(grad_y, x, x_adapter, weight, A, B, h, pair_i, pair_j, scaling, U, A_gen, B_gen,
-          output_mask):
+    def _(grad_y, x, x_adapter, weight, A, B, h, pair_i, pair_j, scaling, U, output_mask):
         gx, gxa, gp = output_mask
         return (_empty_like_or_none(x, gx),
                 _empty_like_or_none(x, gxa and x_adapter is not None),
@@ -111,7 +109,7 @@ if extension_loaded():
 
     @torch.library.register_fake("polykern::genlora_linear_backward")
     def _(grad_y, x, x_adapter, weight, Z_A, C_A, g_A, M_A, Z_B, C_B, g_B, M_B, scaling, U,
-          A_gen, B_gen, output_mask):
+          output_mask):
         gx, gxa, gp = output_mask
         return (_empty_like_or_none(x, gx),
                 _empty_like_or_none(x, gxa and x_adapter is not None),
@@ -154,11 +152,10 @@ if extension_loaded():
         x, weight, bias = inputs[:3]
         params = inputs[3:3 + n_params]
         x_adapter = inputs[scaling_idx + 1]
-        _, U, A_gen, B_gen = output
-        # U and the generated factors are kept for the backward, not differentiated
-        ctx.mark_non_differentiable(U, A_gen, B_gen)
+        _, U = output
+        ctx.mark_non_differentiable(U)  # kept for the backward, not differentiated
         ctx.scaling = inputs[scaling_idx]
-        ctx.save_for_backward(x, x_adapter, weight, U, A_gen, B_gen, *params)
+        ctx.save_for_backward(x, x_adapter, weight, U, *params)
 
     def _mask(ctx, x_adapter, param_slice, xa_idx):
         return [bool(ctx.needs_input_grad[0]),
@@ -168,10 +165,10 @@ if extension_loaded():
     def _pera_setup(ctx, inputs, output):
         _setup(ctx, inputs, output, 5, 8)   # saved: A, B, h, pair_i, pair_j; scaling at 8
 
-    def _pera_backward(ctx, grad_y, _gU, _gA, _gB):
-        x, x_adapter, weight, U, A_gen, B_gen, A, B, h, pair_i, pair_j = ctx.saved_tensors
+    def _pera_backward(ctx, grad_y, _gU):
+        x, x_adapter, weight, U, A, B, h, pair_i, pair_j = ctx.saved_tensors
         gx, gxa, gA, gB, gh = torch.ops.polykern.pera_linear_backward(
-            grad_y, x, x_adapter, weight, A, B, h, pair_i, pair_j, ctx.scaling, U, A_gen, B_gen,
+            grad_y, x, x_adapter, weight, A, B, h, pair_i, pair_j, ctx.scaling, U,
             _mask(ctx, x_adapter, slice(3, 6), 9))
         gW, gb = _base_grads(ctx, grad_y, x, weight)
         n = ctx.needs_input_grad
@@ -181,10 +178,10 @@ if extension_loaded():
     def _genlora_setup(ctx, inputs, output):
         _setup(ctx, inputs, output, 8, 11)
 
-    def _genlora_backward(ctx, grad_y, _gU, _gA, _gB):
-        x, x_adapter, weight, U, A_gen, B_gen, *params = ctx.saved_tensors
+    def _genlora_backward(ctx, grad_y, _gU):
+        x, x_adapter, weight, U, *params = ctx.saved_tensors
         grads = torch.ops.polykern.genlora_linear_backward(
-            grad_y, x, x_adapter, weight, *params, ctx.scaling, U, A_gen, B_gen,
+            grad_y, x, x_adapter, weight, *params, ctx.scaling, U,
             _mask(ctx, x_adapter, slice(3, 11), 12))
         gW, gb = _base_grads(ctx, grad_y, x, weight)
         n = ctx.needs_input_grad

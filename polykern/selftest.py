@@ -257,7 +257,7 @@ def _raise(e: Exception):
 
 def _pick_device(spec: str) -> torch.device:
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("polykern selftest: --device cuda, but torch finds no GPU "

@@ -324,7 +324,7 @@ def gradcheck_layer(layer: AdapterLinear, x: Optional[Tensor] = None, *, randomi
 def opcheck_layer(layer: AdapterLinear, x: Tensor, all_variants: bool = True) -> None:
     """``torch.library.opcheck`` of the CUDA forward op that serves ``layer`` (schema, fake
     kernel, autograd registration, AOT dispatch) on ``x`` and the layer's own tensors; with
-    ``all_variants``, also with the merged weight kept for the backward and without gradients.
+    ``all_variants``, also on the merged path and without gradients.
     Needs the compiled extension and CUDA tensors (the ops have no CPU kernels); float64 keeps
     the compiled and eager graphs' different GEMM algorithms within opcheck's tolerances."""
     if not ops.extension_loaded():
@@ -342,8 +342,8 @@ def opcheck_layer(layer: AdapterLinear, x: Tensor, all_variants: bool = True) ->
         raise TypeError(f"no polykern op serves {type(layer).__name__}")
     torch.library.opcheck(op, args)
     if all_variants:
-        with ops.merge_policy("always", keep="always"):  # W_merged returned and taken back
-            torch.library.opcheck(op, args + (True,))
+        with ops.merge_policy("always"):
+            torch.library.opcheck(op, args)
         with torch.no_grad():
             torch.library.opcheck(op, tuple(a.detach() if isinstance(a, Tensor) else a
                                             for a in args))
