@@ -92,7 +92,13 @@ def _extensions():
         print("polykern: POLYKERN_SKIP_CUDA_BUILD=1, installing the pure-Python package")
         _write_build_config(arch_list=None, skipped="POLYKERN_SKIP_CUDA_BUILD=1 at install")
         return [], {}
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit(
+            "polykern: setup.py needs torch installed to choose between the CUDA build and pure "
+            "Python: install torch first, then `pip install --no-build-isolation -e .` (README.md); "
+            "or `POLYKERN_SKIP_CUDA_BUILD=1 pip install -e .` for the pure-Python package") from None
     home = _cuda_home()
     if torch.version.cuda is None or home is None:
         why = (f"torch {torch.__version__} has no CUDA" if torch.version.cuda is None
