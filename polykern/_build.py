@@ -161,7 +161,7 @@ def build_info() -> dict:
     # CUDA ops
     if not ext["loaded"]:
         if rec.get("skipped"):
-            why = "no CUDA build: " + rec["skipped"]
+            why = "no CUDA build: " + rec["skipped"]  # setup.py's reason
         elif not glob.glob(os.path.join(os.path.dirname(__file__), "_C.*")):
             why = "polykern._C is not built (install from the source checkout: README.md)"
         else:
@@ -218,7 +218,8 @@ def format_info(info: dict) -> str:
                      + (f" (TORCH_CUDA_ARCH_LIST={ext['arch_list']}, torch {ext['built_with']})"
                         if ext["arch_list"] else ""))
     else:
-        lines.append("extension:   not loaded: " + ext["skipped"])
+        lines.append("extension:   " + ("not built: " if ext["arch_list"] is None else
+                                          "not loaded: ") + ext["skipped"])
     if gpu is None:
         lines.append("GPU:         none visible")
     else:
