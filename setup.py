@@ -1,9 +1,15 @@
 """Build polykern: the Python package, plus the ``polykern._C`` CUDA extension whenever torch has
 CUDA and nvcc is found (no GPU is needed at build time).
 
+A CPU torch (torch.version.cuda is None), or no nvcc, installs the pure-Python package: the
+reference path, which needs neither the CUDA torch nor a toolkit. Either way setup.py writes
+polykern/_build_config.py, the record that polykern.build_info() reads.
+
 Environment:
-  POLYKERN_SKIP_CUDA_BUILD=1   install the pure-Python package only (reference path).
-  TORCH_CUDA_ARCH_LIST         target archs (default "8.0;9.0a").
+  POLYKERN_SKIP_CUDA_BUILD=1   install the pure-Python package only (reference path); torch is
+                               not imported, so this works under pip's build isolation.
+  TORCH_CUDA_ARCH_LIST         target archs (default: _default_arch_list, "8.0;9.0a;10.0;12.0+PTX"
+                               with nvcc >= 12.8).
   CUDA_HOME                    the toolkit (default /usr/local/cuda when it holds nvcc).
   MAX_JOBS                     parallel compile jobs (default: the number of cores).
 """
@@ -12,6 +18,7 @@ import glob
 import os
 import re
 import shutil
+import subprocess
 
 from setuptools import setup
 
@@ -28,6 +35,48 @@ def _cuda_home():
     return os.path.dirname(os.path.dirname(nvcc)) if nvcc else None
 
 
+# The default targets, oldest first. sm_80: A100, and RTX 30/40 (sm_86, sm_89) run its cubin (a
+# cubin runs on its major's later minors). sm_90a: H100/H200, and the fused adapter GEMMs need its
+# arch-specific instructions (csrc/lora_gemm.cu). sm_100: B200/GB200 (B300's sm_103 runs it).
+# sm_120: RTX 50, RTX PRO 6000 (DGX Spark's sm_121 runs it). Each where nvcc knows it (10.0 and
+# 12.0 from CUDA 12.8); PTX of the newest plain one, which the driver compiles for GPUs to come.
+# lora_gemm.cu compiles to a trap for every target but sm_90a (its __CUDA_ARCH_FEAT_SM90_ALL
+# guard), so sm_80, sm_100 and sm_120 cost little there.
+_DEFAULT_ARCHS = ("8.0", "9.0a", "10.0", "12.0")
+
+
+def _nvcc_archs(home):
+    """The virtual archs nvcc in `home` can compile ("8.0", "9.0", "10.0", ...), from
+    `nvcc --list-gpu-arch` (CUDA >= 11.0); None if it cannot be asked."""
+    try:
+        out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--list-gpu-arch"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    nums = re.findall(r"compute_(\d+)", out)
+    return {f"{n[:-1]}.{n[-1]}" for n in nums} or None
+
+
+def _default_arch_list(nvcc_archs):
+    """TORCH_CUDA_ARCH_LIST's default: the _DEFAULT_ARCHS that nvcc knows (all but 8.0 and 9.0a
+    dropped when it cannot be asked), with +PTX on the newest plain entry: compute_90a PTX would
+    run on sm_90 alone, and a plain "9.0" entry would switch the fused GEMMs off (_sm90a_only)."""
+    known = nvcc_archs if nvcc_archs is not None else {"8.0", "9.0"}
+    archs = [a for a in _DEFAULT_ARCHS if a.rstrip("a") in known]
+    plain = [i for i, a in enumerate(archs) if not a.endswith("a")]
+    if plain:
+        archs[plain[-1]] += "+PTX"
+    return ";".join(archs)
+
+
+def _write_build_config(**record):
+    """polykern/_build_config.py (not in git): what this build compiled, for build_info()."""
+    lines = ["# Written by setup.py when polykern was built; read by polykern.build_info()."]
+    lines += [f"{k.upper()} = {v!r}" for k, v in record.items()]
+    with open(os.path.join(HERE, "polykern", "_build_config.py"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def _sm90a_only(arch_list):
     """Whether the arch list builds Hopper's code as sm_90a alone ("9.0a", "9.0a+PTX"): the fused
     adapter GEMMs (csrc/lora_gemm.cu) need the arch-specific instructions (wgmma, setmaxnreg) and
@@ -41,17 +90,27 @@ def _sm90a_only(arch_list):
 def _extensions():
     if os.environ.get("POLYKERN_SKIP_CUDA_BUILD", "0") == "1":
         print("polykern: POLYKERN_SKIP_CUDA_BUILD=1, installing the pure-Python package")
+        _write_build_config(arch_list=None, skipped="POLYKERN_SKIP_CUDA_BUILD=1 at install")
         return [], {}
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit(
+            "polykern: setup.py needs torch installed to choose between the CUDA build and pure "
+            "Python: install torch first, then `pip install --no-build-isolation -e .` (README.md); "
+            "or `POLYKERN_SKIP_CUDA_BUILD=1 pip install -e .` for the pure-Python package") from None
     home = _cuda_home()
     if torch.version.cuda is None or home is None:
-        print(f"polykern: torch.version.cuda={torch.version.cuda}, CUDA_HOME={home}: "
-              "no CUDA build, installing the pure-Python package")
+        why = (f"torch {torch.__version__} has no CUDA" if torch.version.cuda is None
+               else "no CUDA toolkit (nvcc) found at install (set CUDA_HOME)")
+        print(f"polykern: {why}: installing the pure-Python package")
+        _write_build_config(arch_list=None, skipped=why)
         return [], {}
     # torch.utils.cpp_extension reads CUDA_HOME when imported; without it, it guesses /usr/local.
     os.environ["CUDA_HOME"] = home
     # A builder has no GPU, so torch cannot detect the arch: default the list.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list(_nvcc_archs(home)))
+    print(f"polykern: TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
@@ -76,11 +135,15 @@ def _extensions():
         link_args = [f"-l:{os.path.basename(lt[0])}", f"-Wl,-rpath,{lib_dirs[0]}"]
     else:
         print("polykern: no libcublasLt found; the merge GEMM uses at::addmm")
-    if _sm90a_only(os.environ["TORCH_CUDA_ARCH_LIST"]):
+    sm90a = _sm90a_only(os.environ["TORCH_CUDA_ARCH_LIST"])
+    if sm90a:
         defines.append("-DPOLYKERN_SM90A")
     else:
         print("polykern: no sm_90a-only Hopper build in TORCH_CUDA_ARCH_LIST="
               f"{os.environ['TORCH_CUDA_ARCH_LIST']!r}: the fused adapter GEMMs stay off")
+    _write_build_config(arch_list=os.environ["TORCH_CUDA_ARCH_LIST"], skipped=None,
+                        torch=torch.__version__, cuda=torch.version.cuda, cublaslt=bool(lt),
+                        sm90a_only=sm90a)
     ext = CUDAExtension(
         name="polykern._C",
         sources=sources,

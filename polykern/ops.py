@@ -57,11 +57,16 @@ def _has_cuda_kernel(name: str) -> bool:
 _KERNELS = extension_loaded() and all(
     _has_cuda_kernel(n) for n in ("pera_linear", "pera_linear_backward", "genlora_linear",
                                   "genlora_linear_backward"))
+from . import _build  # noqa: E402  (cuda_available's kernel-image check)
 
 
 def cuda_available() -> bool:
-    """Whether the CUDA ops are loaded and a GPU is present (modules then use them)."""
-    return _KERNELS and torch.cuda.is_available()
+    """Whether the CUDA ops are loaded, a GPU is present and polykern._C holds code for the
+    current one (modules then use them). A GPU it holds none for (e.g. a build without its arch)
+    gets the reference path and one warning naming the arch and the rebuild command
+    (``polykern._build.has_kernel_image``), instead of a "no kernel image" launch failure."""
+    return (_KERNELS and torch.cuda.is_available()
+            and _build.has_kernel_image(torch.cuda.current_device()))
 
 
 # ------------------------------------------------------------------------------------------------
