@@ -2,8 +2,9 @@
 adapters on all seven projections of every decoder layer, one training step = forward + LM loss +
 backward + fused AdamW on the trainable parameters. Per (implementation, workload, checkpointing):
 the median step time over the timed steps after warm-up, tokens/s, the peak allocated memory
-above the weights (model, adapters) during the timed steps, and the loss of the first and last
-timed step (finite; the adapters train on a fixed token pool, so it goes down).
+of a step above what lives between steps (weights, adapters, optimizer state), and the loss of
+the first and last timed step (finite; the adapters train on a fixed token pool, so it goes
+down). All models are built first and their steps interleaved (run_workload).
 
 Workloads: ``4x2048`` and ``1x2048`` (fixed length), ``varlen4x1024-2048`` and
 ``varlen1x1024-2048`` (a new length every step, uniform in [1024, 2048], fixed seed: what padding
@@ -120,50 +121,74 @@ def lengths_for(workload: str, steps: int, seed: int = 0):
     return batch, [int(workload.split("x")[1])] * steps
 
 
-def run_case(model, impl, workload, ckpt, config, warmup, steps):
+def run_workload(models, variants, workload, ckpt, config, warmup, steps):
+    """Rows for one (workload, checkpointing): the variants' steps interleaved, one step of each
+    in turn (the order rotating from step to step), so that drift of the GPU's clocks and of the
+    host over the run falls on every variant alike. A variant is (impl, {option: value}): a
+    polykern model run under some of its CUDA options (csrc/config.cpp).
+
+    Memory: each step's peak allocated memory above what was allocated just before it (every
+    model's weights, adapters and optimizer state; the previous step's gradients are freed), the
+    largest over the timed steps."""
     import torch
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-3, fused=True) if trainable else None
+    from polykern import ops
+    for model in models.values():
+        if ckpt:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+        model.train()
+    opts = {}
+    for impl, model in models.items():
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opts[impl] = torch.optim.AdamW(trainable, lr=1e-3, fused=True) if trainable else None
     batch, lens = lengths_for(workload, warmup + steps)
     gen = torch.Generator("cuda").manual_seed(1)
     pool = torch.randint(0, config.vocab_size, (batch, max(lens)), device="cuda", generator=gen)
-    torch.cuda.synchronize()
-    weights = torch.cuda.memory_allocated()
-    times, losses = [], []
+    times = {k: [] for k in range(len(variants))}
+    losses = {k: [] for k in range(len(variants))}
+    peaks = {k: 0 for k in range(len(variants))}
     for i, length in enumerate(lens):
-        if i == warmup:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         ids = pool[:, :length]
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-            losses.append(float(loss.detach()))
-        del loss
-    peak = torch.cuda.max_memory_allocated() - weights
+        order = list(range(len(variants)))
+        order = order[i % len(order):] + order[:i % len(order)]
+        for k in order:
+            impl, setting = variants[k]
+            model, opt = models[impl], opts[impl]
+            with contextlib.ExitStack() as stack:
+                for name, value in setting.items():
+                    stack.enter_context(ops._option_set(name, value))
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                if opt is not None:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                elapsed = time.perf_counter() - t0
+            if i >= warmup:
+                times[k].append(elapsed)
+                losses[k].append(float(loss.detach()))
+                peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated() - base)
+            del loss
+    rows = []
     tokens = batch * sum(lens[warmup:])
-    row = {"impl": impl, "workload": workload, "checkpointing": ckpt,
-           "step_ms": round(1e3 * statistics.median(times), 2),
-           "tokens_per_s": round(tokens / sum(times)),
-           "peak_mib_above_weights": round(peak / 2**20),
-           "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
-           "steps": steps, "trainable_params": sum(p.numel() for p in trainable)}
-    del opt, trainable, pool
+    for k, (impl, setting) in enumerate(variants):
+        rows.append({"impl": impl, "options": setting, "workload": workload,
+                     "checkpointing": ckpt,
+                     "step_ms": round(1e3 * statistics.median(times[k]), 2),
+                     "tokens_per_s": round(tokens / sum(times[k])),
+                     "peak_mib_above_weights": round(peaks[k] / 2**20),
+                     "loss_first": round(losses[k][0], 4),
+                     "loss_last": round(losses[k][-1], 4), "steps": steps})
+    del opts, pool
     gc.collect()
     torch.cuda.empty_cache()
-    return row
+    return rows
 
 
 def warm_shapes(config, workloads, ckpts, warmup, steps):
@@ -235,14 +260,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--new-n", action="store_true", help="add the per-layer new-N rows")
     p.add_argument("--ab", default="",
-                   help="comma-separated NAME=VALUE settings of polykern's CUDA options "
-                        "(csrc/config.cpp): each polykern case runs again under each one, in the "
-                        "same process on the same model, for the A/B rows that justify a default")
+                   help="comma-separated NAME=VALUE[@IMPL] settings of polykern's CUDA options "
+                        "(csrc/config.cpp): each polykern implementation (or IMPL alone) also "
+                        "runs under each one without checkpointing, interleaved with the rest: "
+                        "the A/B rows that justify a default")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     need_gpu()
     import torch
-    from polykern import ops
     impls = [i for i in args.impls.split(",") if i]
     workloads = [w for w in args.workloads.split(",") if w]
     bad = [i for i in impls if i not in IMPLS] + [w for w in workloads if w not in WORKLOADS]
@@ -250,27 +275,26 @@ def main(argv=None):
         sys.exit(f"unknown implementations or workloads: {bad}; known: {IMPLS}, {WORKLOADS}")
     ckpts = [{"off": False, "on": True}[c] for c in args.checkpointing.split(",")]
     config = llama_config(args.layers, args.vocab)
-    settings = [{}] + [dict([(kv.split("=")[0], int(kv.split("=")[1]))])
-                       for kv in args.ab.split(",") if kv]
     rows = []
     warm_shapes(config, workloads, ckpts, args.warmup, args.steps)
-    for impl in impls:
-        model = build_model(impl, config)
-        for workload in workloads:
-            for ckpt in ckpts:
-                polykern_case = impl.startswith(("polykern", "peft_bridge"))
-                for setting in settings if polykern_case else [{}]:
-                    with contextlib.ExitStack() as stack:
-                        for name, value in setting.items():
-                            stack.enter_context(ops._option_set(name, value))
-                        row = run_case(model, impl, workload, ckpt, config, args.warmup,
-                                       args.steps)
-                    row["options"] = setting
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
+    models = {impl: build_model(impl, config) for impl in impls}
+    plain = [(impl, {}) for impl in impls]
+    ab = []
+    for item in (item for item in args.ab.split(",") if item):
+        setting, _, only = item.partition("@")
+        name, value = setting.split("=")
+        ab += [(impl, {name: int(value)}) for impl in impls
+               if impl.startswith("polykern") and only in ("", impl)]
+    for workload in workloads:
+        for ckpt in ckpts:
+            variants = plain if ckpt else plain + ab  # A/B rows without checkpointing only
+            for row in run_workload(models, variants, workload, ckpt, config, args.warmup,
+                                    args.steps):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    del models
+    gc.collect()
+    torch.cuda.empty_cache()
     if args.new_n:
         for row in new_n_rows():
             rows.append(row)
@@ -278,7 +302,11 @@ def main(argv=None):
     model = {"shape": "Llama-3-8B", "hidden": 4096, "intermediate": 14336, "heads": 32,
              "kv_heads": 8, "layers": args.layers, "vocab": args.vocab, "dtype": "bfloat16",
              "attention": "sdpa", "adapters": TARGETS, "r": RANK, "genlora_num_rbf": 32,
-             "optimizer": "AdamW(fused, lr=1e-3)", "warmup": args.warmup, "steps": args.steps}
+             "optimizer": "AdamW(fused, lr=1e-3)", "warmup": args.warmup, "steps": args.steps,
+             "step_ms": "median over the timed steps, implementations interleaved step by step",
+             "peak_mib_above_weights": "a step's peak allocated memory above what lives between "
+                                       "steps (weights, adapters, optimizer state), the largest "
+                                       "over the timed steps"}
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
            "date": datetime.date.today().isoformat(), "model": model, "rows": rows}
     if args.json:

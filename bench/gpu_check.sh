@@ -9,6 +9,7 @@
 #                                                  the driver at load; no fused GEMMs): the
 #                                                  closest check of the A100 path on an H100
 #   E2E_ARGS="--impls ... --workloads ..."         passed to bench/bench_e2e.py
+#   LAYERS_K="not sweep"                           a subset of the per-layer cases
 # Exits non-zero when the build, the tests, the sanitizer or a benchmark fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -72,8 +73,10 @@ if [ "$PART" = all ] || [ "$PART" = e2e ]; then
 fi
 
 if [ "$PART" = all ] || [ "$PART" = layers ]; then
-  python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider \
+  # LAYERS_K: a pytest -k expression to run part of the cases (e.g. "not sweep")
+  python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider ${LAYERS_K:+-k "$LAYERS_K"} \
     --benchmark-json "$OUT/layers_h100.json" > "$OUT/layers.txt" 2>&1 || fail "layer benchmarks"
-  tail -40 "$OUT/layers.txt"
+  tail -5 "$OUT/layers.txt"
+  python3 bench/report.py --layers "$OUT/layers_h100.json" 2>&1 | tail -20
 fi
 exit $rc
