@@ -48,6 +48,17 @@ def _x(v):
 
 
 # ---- end to end -------------------------------------------------------------------------------
+E2E_COLUMNS = [("frozen", "frozen"), ("peft_lora_bf16", "peft LoRA (bf16)"),
+               ("polykern_lora", "polykern LoRA"), ("polykern_pera_full", "PERA full"),
+               ("polykern_pera_square", "PERA square"), ("polykern_genlora", "GenLoRA"),
+               ("authors_pera", "PERA, authors' code")]
+
+
+def _plain_rows(rows):
+    """The rows of whole steps in the default configuration (no A/B option, no new-N row)."""
+    return [r for r in rows if "step_ms" in r and not r.get("options")]
+
+
 def e2e_block(path):
     data = _load(path)
     if data is None:
@@ -55,38 +66,56 @@ def e2e_block(path):
                 f"`{os.path.relpath(path, os.path.dirname(HERE))}`.")
     rows = data["rows"] if isinstance(data, dict) else data
     env = data if isinstance(data, dict) else {}
+    plain = _plain_rows(rows)
+    cases = list(dict.fromkeys((r["workload"], r["checkpointing"]) for r in plain))
+    by = {(r["workload"], r["checkpointing"], r["impl"]): r for r in plain}
+    cols = [(k, name) for k, name in E2E_COLUMNS if any(i == k for _, _, i in by)
+            and k not in ("frozen", "peft_lora_bf16")]
+    head = ["workload", "ckpt", "frozen: ms", "peft LoRA: ms, GiB"] + [name for _, name in cols]
     body = []
-    for r in rows:
-        frozen = next((f for f in rows if f["impl"] == "frozen" and f["workload"] == r["workload"]
-                       and f["checkpointing"] == r["checkpointing"]), None)
-        rel = _x(r["step_ms"] / frozen["step_ms"]) if frozen else ""
-        body.append([r["workload"], "on" if r["checkpointing"] else "off", r["impl"],
-                     f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", rel,
-                     f"{r['peak_mib_above_weights']:,.0f}"])
-    head = ["workload", "checkpointing", "implementation", "step ms", "tokens/s",
-            "step vs frozen", "peak MiB above weights"]
-    return _table(head, body) + "\n\n" + _source(path, env)
+    for w, c in cases:
+        peft, frozen = by.get((w, c, "peft_lora_bf16")), by.get((w, c, "frozen"))
+        cells = [f"{frozen['step_ms']:.1f}" if frozen else "",
+                 f"{peft['step_ms']:.1f}, {peft['peak_mib_above_weights'] / 1024:.2f}"
+                 if peft else ""]
+        for k, _ in cols:
+            r = by.get((w, c, k))
+            cells.append("" if r is None or peft is None else
+                         f"{r['step_ms'] / peft['step_ms']:.2f}x / "
+                         f"{r['peak_mib_above_weights'] / peft['peak_mib_above_weights']:.2f}x")
+        body.append([w, "on" if c else "off"] + cells)
+    tables = [_table(head, body)]
+    new_n = [r for r in rows if "ms_per_new_N" in r]
+    extra = ""
+    if new_n:
+        extra = ("\n\nA new token count each step (" + new_n[0]["workload"] + ", ms per step): "
+                 + ", ".join(f"{r['impl']} {r['ms_per_new_N']:.2f}" for r in new_n) + ".")
+    memory = env.get("model", {}).get("peak_mib_above_weights",
+                                      "peak allocated memory above the weights")
+    note = (f"Adapter columns: step time / peak memory ({memory}), each as a ratio to peft's "
+            "LoRA r=16 with bf16 adapters.")
+    return "\n\n".join(tables) + "\n\n" + note + extra + "\n\n" + _source(path, env)
 
 
 def e2e_summary(path):
-    """One sentence for the README's opening: each implementation's step on the first workload
-    (checkpointing off where measured), against the frozen model's step when there is one."""
+    """One sentence for the README's opening: PERA full and GenLoRA against peft's LoRA on the
+    first workload without checkpointing."""
     data = _load(path)
     if data is None:
         return ("End-to-end numbers (a whole fine-tuning step of a Llama-3-8B-shaped model) "
                 "come from `bench/bench_e2e.py`; none are recorded yet.")
-    rows = data["rows"] if isinstance(data, dict) else data
+    rows = _plain_rows(data["rows"] if isinstance(data, dict) else data)
     env = data if isinstance(data, dict) else {}
     first = rows[0]["workload"]
-    ck = min(r["checkpointing"] for r in rows if r["workload"] == first)
-    sel = [r for r in rows if r["workload"] == first and r["checkpointing"] == ck]
-    frozen = next((r for r in sel if r["impl"] == "frozen"), None)
-    parts = [f"{r['impl']} {r['tokens_per_s']:,.0f} tokens/s"
-             + (f" ({r['step_ms'] / frozen['step_ms']:.2f}x the frozen step)" if frozen else "")
-             for r in sel if r is not frozen]
-    gpu = f" on an {env['gpu']}" if env.get("gpu") else ""
-    return (f"End to end ({first}{gpu}, checkpointing {'on' if ck else 'off'}): "
-            + "; ".join(parts) + " (`bench/results/e2e_h100.json`).")
+    by = {r["impl"]: r for r in rows if r["workload"] == first and not r["checkpointing"]}
+    peft = by["peft_lora_bf16"]
+    parts = [f"{name} r=16 takes {by[k]['step_ms'] / peft['step_ms']:.2f}x the time of peft's "
+             f"LoRA r=16 with {by[k]['peak_mib_above_weights'] / peft['peak_mib_above_weights']:.2f}x "
+             "its peak memory" for k, name in (("polykern_pera_full", "PERA full"),
+                                               ("polykern_genlora", "GenLoRA")) if k in by]
+    model = env.get("model", {})
+    return (f"A fine-tuning step of a Llama-3-8B-shaped model ({model.get('layers', '?')} layers, "
+            f"{first} tokens, {env.get('gpu', 'GPU')}): " + "; ".join(parts) + ".")
 
 
 # ---- per layer --------------------------------------------------------------------------------
@@ -236,8 +265,8 @@ def rewrite(readme, blocks):
         text = f.read()
     for name, body in blocks.items():
         pat = re.compile(rf"(<!-- report:{name} -->\n).*?(<!-- /report:{name} -->)", re.S)
-        if not pat.search(text):
-            sys.exit(f"report.py: {readme} has no <!-- report:{name} --> block")
+        if not pat.search(text):  # this README does not show that table
+            continue
         text = pat.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     with open(readme, "w") as f:
         f.write(text)
