@@ -196,6 +196,8 @@ def layers_block(path):
     head = ["case", "polykern: one step / 10 back to back / captured", "naive PyTorch",
             "torch.compile(naive)", "authors' code", "plain LoRA r=16", "peft LoRA",
             "merged layer", "step's peak MiB above steady state: polykern / naive / frozen"]
+    keep = [j for j in range(len(head)) if j == 0 or any(str(row[j]).strip() for row in body)]
+    head, body = [head[j] for j in keep], [[row[j] for j in keep] for row in body]  # no empty columns
     return _table(head, body) + "\n\n" + _source(path, env)
 
 
