@@ -102,7 +102,7 @@ static Tensor merged_weight(const Tensor& W, const Tensor& A, const Tensor& B) {
 // the merge on the merged path) and joined back before the op returns; on the unmerged path the
 // beta = 1 accumulation that needs both follows the join. The base GEMM does not
 // fill every SM for all of its time (its last wave is partial), and the skinny GEMMs fill the
-// gaps: measured with bench/overlap_probe.py on the H100 (torch's GEMMs, N = 8192,
+// gaps: measured on the H100 (torch's GEMMs, N = 8192,
 // n = m = 4096), U at R = 16 next to the base GEMM saved 14-16 of its 27 us, at R = 152 6-8 of
 // 30 us. Results are the same bit for bit (the same kernels run). Outputs of the side work are
 // allocated on the caller's stream before the fork, so the caching allocator ties

@@ -17,13 +17,13 @@
 //   fixed order, so the gradients repeat bitwise on a given GPU (the number of rows follows its
 //   SM count). Their cost is O((n + m) K (d + r)), independent of N.
 //
-// Version 7, from the v6 profile at n = m = 4096, r = 16, K = 32, d = 1 (synthesis 10.2 us,
-// backward 18.6 + 1.9 us + a memset, for a few us of work; all latency):
-// - The kernels took `const Job& job = is_a ? ja : jb`, a reference to one of two by-value
-//   parameters: that copied both structs to local memory (ptxas: 256 bytes stack frame). The
-//   fields are now picked one by one (`pick`), which stays in registers.
+// At n = m = 4096, r = 16, K = 32, d = 1 the work is a few microseconds and latency decides
+// (a profile of simpler kernels: synthesis 10.2 us, backward 18.6 + 1.9 us + a memset):
+// - Fields of the two jobs are picked one by one (`pick`): a reference to one of two by-value
+//   parameters (`const Job& job = is_a ? ja : jb`) copies both structs to local memory (ptxas:
+//   256 bytes of stack frame); picked fields stay in registers.
 // - Each kernel reads global memory in one staging step whose loads are all in flight at once
-//   (`stage`), instead of one dependent round trip per array.
+//   (`stage`), not one dependent round trip per array.
 // - Synthesis: one thread per (coordinate, 8 rows of the factor) computes its own Phi[t, :] in
 //   registers, 4 centres (4 independent exps) at a time, into 8 independent accumulators; M
 //   staged once per block in shared memory; one barrier; B's rows stored as 16-byte vectors.

@@ -1,6 +1,6 @@
 // The fused gY pass: gU = gY B_gen (N, R) and gB_gen = gY^T U (m, R) from ONE read of
 // gY (N, m), for bf16/fp16 and R = 8 or 16. Two cuBLASLt GEMMs read gY twice: at N = 8192,
-// m = 4096 that is 2 x 64 MiB, 25-29 us each on the H100 (csrc/README.md).
+// m = 4096 that is 2 x 64 MiB, 25-29 us each on the H100.
 //
 // Each CTA owns a chunk of rows of gY and a block of NC x 64 columns. It streams 64 x 64 tiles of
 // gY through shared memory (cp.async, 4 deep) and, with tensor-core mma.sync, adds each tile

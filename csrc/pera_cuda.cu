@@ -130,12 +130,12 @@ __device__ __forceinline__ void stage_cols(S* dst, const S* __restrict__ src, in
   }
 }
 
-// Version 2: one block per 32 columns of A_gen (all R rows; A's r rows of those columns staged
-// in shared memory, so a pair row is two shared reads and a multiply) or per 32 rows of B_gen
-// (a contiguous slice of it, B's rows staged likewise), the pair list staged as packed ints,
-// 8 elements per thread written with 16-byte stores, no 64-bit division. Version 1 (one element per
-// thread, a grid-stride loop with int64 division and dependent global gathers of pi/pj, then
-// of A) measured 7.3 us at n = m = 4096, r = 16 full, bf16: latency, not bytes (2.5 MiB).
+// One block per 32 columns of A_gen (all R rows; A's r rows of those columns staged in shared
+// memory, so a pair row is two shared reads and a multiply) or per 32 rows of B_gen (a
+// contiguous slice of it, B's rows staged likewise), the pair list staged as packed ints, 8
+// elements per thread written with 16-byte stores, no 64-bit division. Why: the work is latency,
+// not bytes (2.5 MiB at n = m = 4096, r = 16 full, bf16); one element per thread with int64
+// division and dependent global gathers of pi/pj, then of A, measured 7.3 us.
 template <typename Pt, typename Wt, typename T>
 __global__ void __launch_bounds__(kNThreads)
 pera_expand_kernel(const Pt* __restrict__ A, const Pt* __restrict__ B,
@@ -217,9 +217,9 @@ pera_expand_kernel(const Pt* __restrict__ A, const Pt* __restrict__ B,
   }
 }
 
-// lut[i * r + j] = lut[j * r + i] = p for the pair p = (i, j), -1 where there is none. As in
-// version 1, which filled (pi, pj) and read the upper triangle only, a pair with i > j has no
-// entry (the spec's pairs all have i <= j). Syncs once inside; the caller syncs before reading.
+// lut[i * r + j] = lut[j * r + i] = p for the pair p = (i, j), -1 where there is none. A pair
+// with i > j has no entry (the spec's pairs all have i <= j, and the table is filled from
+// (pi, pj) as given). Syncs once inside; the caller syncs before reading.
 __device__ __forceinline__ void build_lut(short* lut, const int64_t* __restrict__ pi,
                                           const int64_t* __restrict__ pj, int r, int P) {
   const int tid = threadIdx.x;
@@ -274,7 +274,7 @@ __device__ __forceinline__ void gh_block(const T* __restrict__ g, const Pt* __re
 // gA for columns [c0, c0 + kCols): A's r rows and gA_gen's pair rows (in batches of `batch`
 // pairs when they do not all fit: one batch for terms "full" up to r = 33 with a 16-bit compute
 // dtype, r = 24 with float32) staged in shared memory; thread: kColsItem columns of one row i,
-// its j loop reads shared memory only (in j order, as version 1, within a batch).
+// its j loop reads shared memory only (in j order within a batch).
 template <typename Pt, typename Wt, typename T>
 __device__ __forceinline__ void ga_block(unsigned char* smem, const T* __restrict__ gA_gen,
                                          const Pt* __restrict__ A, const Pt* __restrict__ h,
@@ -386,8 +386,8 @@ __device__ __forceinline__ void gb_block(unsigned char* smem, const T* __restric
 
 // One launch, three roles by block index: [0, P) gh (one block per pair: the longest chain,
 // pi -> a_i, so scheduled first), then nbA gA blocks of kCols columns, then gB blocks of
-// `rows_b` rows. Version 2; version 1 (one thread per output element, a j loop of r dependent
-// lookup-then-global-load steps, the r * r table rebuilt by every block) measured 9.1 us at
+// `rows_b` rows. Why: one thread per output element, with a j loop of r dependent
+// lookup-then-global-load steps and the r * r table rebuilt by every block, measured 9.1 us at
 // n = m = 4096, r = 16 full, bf16, for 2.5 MiB read.
 template <typename Pt, typename Wt, typename T>
 __global__ void __launch_bounds__(kNThreads)

@@ -136,7 +136,7 @@ def test_checkpoint_with_dropout_same_gradients(device, use_reentrant, cls, cfg)
     y_ck, g_ck = grads(lambda x: checkpoint(layer, x, use_reentrant=use_reentrant))
     assert torch.equal(y_ck, y_ref)                    # the same dropout mask
     assert not torch.equal(y_ref, layer.eval()(x0))   # and dropout did act
-    # Exact on the CPU and on the GPU: no polykern kernel uses atomics (since version 7), so two
+    # Exact on the CPU and on the GPU: no polykern kernel sums with atomics, so two
     # identical backwards give the same bits.
     for a, b in zip(g_ck, g_ref):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

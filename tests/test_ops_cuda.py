@@ -21,8 +21,7 @@ pytestmark = pytest.mark.skipif(not polykern.cuda_available(),
                                 reason="needs a CUDA GPU and the compiled extension")
 DEV = "cuda"
 LOW = (torch.float32, torch.bfloat16, torch.float16)
-# (activation dtype, adapter dtype) pairs and input layouts of test_kernel_vs_reference (also
-# swept over many seeds by bench/seed_sweep.py)
+# (activation dtype, adapter dtype) pairs and input layouts of test_kernel_vs_reference
 KERNEL_DTYPES = [(d, d) for d in LOW] + [(torch.bfloat16, torch.float32),
                                          (torch.float16, torch.float32)]
 LAYOUTS = ("3d", "strided")
@@ -399,8 +398,8 @@ def test_eager_node_gradients_for_each_requires_grad_pattern(kind, bias, dropout
 
 
 def test_genlora_under_deterministic_algorithms(monkeypatch):
-    """torch.use_deterministic_algorithms: the GenLoRA CUDA backward has no atomics (since
-    version 7 its sums over coordinates are per-block partials added in a fixed order), so the
+    """torch.use_deterministic_algorithms: the GenLoRA CUDA backward has no atomics (its sums
+    over coordinates are per-block partials added in a fixed order), so the
     ops run in that mode without an alert, the module keeps the CUDA path, and its gradients
     repeat bitwise; they are within 2x the same-dtype reference's error. PERA's kernels have
     no atomics either."""
@@ -506,7 +505,7 @@ FUSED_CASES = [("pera", {"terms": "square"}, 16), ("genlora", {"num_rbf": 32, "l
 @pytest.mark.parametrize("layout", ["3d", "strided"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_fused_gemm_vs_reference(kind, cfg, r, adapter_dtype, layout, bias):
-    """The fused adapter GEMMs (version 12): the forward's y and U and the backward's gX and gU
+    """The fused adapter GEMMs (lora_gemm.cu): the forward's y and U and the backward's gX and gU
     from one kernel each, no merged weight; forward and every gradient within 2x the same-dtype
     reference's error, on 512 rows of (n, m) = (256, 512), 3-D and strided inputs (a strided
     input is copied to fit TMA), with and without bias, bf16 and fp32 adapter parameters."""
