@@ -15,6 +15,7 @@ import polykern
 from polykern import GenLoraLinear, PeraLinear
 from polykern import ops
 from polykern import reference as ref
+from polykern.testing import gradcheck_layer, opcheck_layer
 from utils import assert_within_ref_error, strided
 
 pytestmark = pytest.mark.skipif(not polykern.cuda_available(),
@@ -314,16 +315,12 @@ def test_inference_op_bad_inputs():
                                       ("genlora", {"num_rbf": 5, "latent_dim": 2})])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_gradcheck_float64(kind, cfg, dropout):
+    """float64 gradcheck through the CUDA ops (polykern.testing.gradcheck_layer, the check users
+    run), dropout included with the same mask at every evaluation."""
     layer = random_layer(kind, 6, 5, 3, torch.float64, **cfg)
     layer.dropout = dropout
-    names = layer.adapter_parameter_names
-    x = torch.randn(2, 3, 6, device=DEV, dtype=torch.float64, requires_grad=True)
-
-    def f(x, *p):
-        torch.manual_seed(0)  # the same dropout mask at every evaluation
-        return torch.func.functional_call(layer, dict(zip(names, p)), (x,))
-    params = [p.detach().clone().requires_grad_() for p in layer.adapter_parameters()]
-    assert torch.autograd.gradcheck(f, [x] + params)
+    x = torch.randn(2, 3, 6, device=DEV, dtype=torch.float64)
+    assert gradcheck_layer(layer, x, randomize=False, fast_mode=False)
 
 
 @pytest.mark.parametrize("kind", ["pera", "genlora"])
@@ -463,25 +460,11 @@ def test_dropout_mask_matches_reference():
 
 
 def test_opcheck():
-    # float64: the compiled and eager graphs may pick different cuBLAS algorithms; in float64
-    # they differ by far less than opcheck's default tolerances.
+    """torch.library.opcheck of both forward ops, merged and unmerged, with and without gradients
+    (polykern.testing.opcheck_layer, the check users run)."""
     for kind in ("pera", "genlora"):
         layer = random_layer(kind, 37, 53, 4, torch.float64)
-        x = torch.randn(2, 5, 37, device=DEV, dtype=torch.float64, requires_grad=True)
-        params = layer.adapter_parameters()
-        if kind == "pera":
-            pi, pj = ref.pera_pairs(4, "full", DEV)
-            op = torch.ops.polykern.pera_linear.default
-            args = (x, layer.weight, layer.bias, *params, pi, pj, layer.scaling, None)
-        else:
-            op = torch.ops.polykern.genlora_linear.default
-            args = (x, layer.weight, layer.bias, *params, layer.scaling, None)
-        torch.library.opcheck(op, args)
-        with ops.merge_policy("always"):
-            torch.library.opcheck(op, args)
-        with torch.no_grad():
-            torch.library.opcheck(op, tuple(a.detach() if isinstance(a, torch.Tensor) else a
-                                            for a in args))
+        opcheck_layer(layer, torch.randn(2, 5, 37, device=DEV, dtype=torch.float64))
 
 
 def fused_gemm_here():
