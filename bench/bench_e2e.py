@@ -214,6 +214,36 @@ def warm_shapes(config, workloads, ckpts, warmup, steps):
     torch.cuda.empty_cache()
 
 
+def profile_step(model, workload, ckpt, config, out=sys.stdout, rows=30):
+    """torch.profiler over two steps of `model` at `workload` (after two untimed ones): the
+    kernels and ops that take the most GPU and host time, to see where a step goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3, fused=True) if trainable else None
+    batch, lens = lengths_for(workload, 4)
+
+    def step(length):
+        ids = torch.randint(0, config.vocab_size, (batch, length), device="cuda")
+        model(input_ids=ids, labels=ids).loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for length in lens[:2]:
+        step(length)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for length in lens[2:]:
+            step(length)
+        torch.cuda.synchronize()
+    for key in ("cuda_time_total", "self_cpu_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=rows), file=out)
+
+
 def new_n_rows(count=50, n=4096, m=4096):
     """A training step of one layer at `count` token counts never seen before (first calls),
     against the frozen nn.Linear doing the same: total seconds and the ratio."""
@@ -264,6 +294,9 @@ def main(argv=None):
                         "(csrc/config.cpp): each polykern implementation (or IMPL alone) also "
                         "runs under each one without checkpointing, interleaved with the rest: "
                         "the A/B rows that justify a default")
+    p.add_argument("--profile", default="",
+                   help="IMPL: also print torch.profiler tables of two steps of IMPL at each "
+                        "workload (checkpointing as the first --checkpointing value)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     need_gpu()
@@ -292,6 +325,12 @@ def main(argv=None):
                                     args.steps):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    if args.profile:
+        if args.profile not in models:
+            sys.exit(f"--profile {args.profile}: not among --impls")
+        for workload in workloads:
+            print(f"#### profile: {args.profile}, {workload}, checkpointing {ckpts[0]}")
+            profile_step(models[args.profile], workload, ckpts[0], config)
     del models
     gc.collect()
     torch.cuda.empty_cache()
