@@ -43,7 +43,7 @@ class LoraFactors(NamedTuple):
 @torch.no_grad()
 def _folded(A: Tensor, B: Tensor, scaling: float, fan_in_fan_out: bool) -> LoraFactors:
     # B * scaling is the product the forward itself forms (reference.adapter_linear).
-    return LoraFactors(A.detach().clone(), (B * scaling).detach(), fan_in_fan_out)
+    return LoraFactors(A.detach(), (B * scaling).detach(), fan_in_fan_out)
 
 
 def _peft_bridge_factors(model: nn.Module, adapter_name: str) -> Dict[str, LoraFactors]:
@@ -68,7 +68,7 @@ def _unexported_peft_layers(model: nn.Module, adapter_name: str, exported) -> li
     if lora_layer is None:
         return []
     return [n for n, m in model.named_modules() if isinstance(m, lora_layer) and n not in exported
-            and adapter_name in getattr(m, "lora_A", {})]
+            and adapter_name in getattr(m, "r", {})]
 
 
 def _base_model(model: nn.Module) -> nn.Module:

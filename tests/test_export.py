@@ -235,3 +235,12 @@ def test_cli_info_still_works(capsys):
     assert polykern_main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert isinstance(info, dict) and info
+
+
+def test_export_refuses_peft_own_lora_layers_in_a_bridge_model(tmp_path):
+    """A bridge target that is not an nn.Linear gets peft's own LoRA, which is not exported:
+    refused rather than silently left out."""
+    model = bridged(bert_base(), "pera", {"terms": "full"}, r=2,
+                    target_modules=["query", "word_embeddings"])
+    with pytest.raises(NotImplementedError, match="word_embeddings"):
+        polykern.export_lora(model, str(tmp_path))
