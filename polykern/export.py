@@ -77,6 +77,7 @@ def _base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if peft_model and isinstance(model, peft_model) else model
 
 
+@torch.no_grad()        # the factors are data to write: no autograd graph for them
 def lora_factors(model: nn.Module, adapter_name: Optional[str] = None) -> Dict[str, LoraFactors]:
     """Each adapted layer's exported factors, keyed by the layer's name in the base model: the
     layers ``polykern.inject_adapters`` made, or, in a ``PeftModel`` built through
@@ -104,6 +105,7 @@ def _features(method: str, tensors: Dict[str, Tensor]):
     return tensors["lora_A"].shape[1], tensors["lora_B"].shape[0]
 
 
+@torch.no_grad()
 def lora_factors_from_file(path: str, fan_in_fan_out: bool = False) -> Dict[str, LoraFactors]:
     """Each layer's exported factors from a file ``polykern.save_adapters`` wrote (checksums
     checked). No base model is needed: each layer is rebuilt on the meta device from the config

@@ -231,10 +231,13 @@ def test_cli_refuses_a_file_not_from_save_adapters(tmp_path):
         polykern_main(["export-lora", str(tmp_path / "other.safetensors"), str(tmp_path / "o")])
 
 
-def test_cli_info_still_works(capsys):
+def test_cli_info_and_selftest_still_dispatch(capsys):
     assert polykern_main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert isinstance(info, dict) and info
+    with pytest.raises(SystemExit) as exit_:      # selftest's own parser answers --help
+        polykern_main(["selftest", "--help"])
+    assert exit_.value.code == 0 and "selftest" in capsys.readouterr().out
 
 
 def test_export_refuses_peft_own_lora_layers_in_a_bridge_model(tmp_path):
