@@ -8,6 +8,7 @@ or when the extension is not built, the pure-PyTorch reference (``polykern.refer
 
 from . import reference
 from ._build import build_info
+from .export import export_lora
 from .models import (adapter_state_dict, count_parameters, inject_adapters,
                      load_adapter_state_dict, load_adapters, merge_and_unload, save_adapters)
 from .modules import AdapterLinear, GenLoraLinear, PeraLinear
@@ -18,4 +19,4 @@ __version__ = "0.1.0"
 __all__ = ["PeraLinear", "GenLoraLinear", "AdapterLinear", "reference", "inject_adapters",
            "merge_and_unload", "adapter_state_dict", "load_adapter_state_dict", "save_adapters",
            "load_adapters", "count_parameters", "cuda_available", "extension_loaded",
-           "build_info"]
+           "build_info", "export_lora"]
