@@ -259,16 +259,15 @@ static std::tuple<Tensor, Tensor> fused_forward(const Tensor& x2, const Tensor& 
 // The forward core of training and inference: y = x2 W^T + bias + U B^T for x2 (N, n), on
 // W_m = W + B A when `merged`, else with the adapter's share added into y (beta = 1). U = xa2 A^T
 // is computed when `need_U` (training keeps it for the backward) or when the unmerged path needs
-// it, beside the base GEMM on the side stream where that pays. Returns (y (N, m), U or undefined,
-// W_m or undefined).
+// it, beside the base GEMM on the side stream where that pays. Returns (y (N, m), U or
+// undefined); W_m is freed here.
 // Launch order: on the merged path the long base GEMM is queued before U (and in the backward
 // gX before gU), so that the GPU starts it one launch earlier; the host, which costs tens of
 // microseconds per launch on the H100 machine, then queues the rest while it runs.
-static std::tuple<Tensor, Tensor, Tensor> forward_core(const Tensor& x2, const Tensor& xa2,
-                                                       const Tensor& W,
-                                                       const std::optional<Tensor>& bias,
-                                                       const Tensor& A, const Tensor& B,
-                                                       bool merged, bool need_U) {
+static std::tuple<Tensor, Tensor> forward_core(const Tensor& x2, const Tensor& xa2,
+                                               const Tensor& W, const std::optional<Tensor>& bias,
+                                               const Tensor& A, const Tensor& B, bool merged,
+                                               bool need_U) {
   POLYKERN_SCOPE("polykern::forward_core");
   const int64_t N = x2.size(0), n = W.size(1), m = W.size(0);
   const bool want_U = need_U || !merged;
@@ -279,11 +278,11 @@ static std::tuple<Tensor, Tensor, Tensor> forward_core(const Tensor& x2, const T
   Tensor y = bias.has_value() ? at::addmm(*bias, x2, Wb.t()) : at::mm(x2, Wb.t());  // (N, m)
   if (want_U) {
     U = at::empty({N, A.size(0)}, xa2.options());                        // on the caller's stream
-    side.run([&] { fast_mm_into(U, xa2, A.t(), Tokens::kM); });                       // (N, R), beside y
+    side.run([&] { fast_mm_into(U, xa2, A.t(), Tokens::kM); });           // (N, R), beside y
   }
   side.join();
-  if (!merged) fast_addmm_(y, U, B.t(), Tokens::kM);                                  // beta = 1: into y
-  return {y, U, Wm};
+  if (!merged) fast_addmm_(y, U, B.t(), Tokens::kM);                      // beta = 1: into y
+  return {y, U};
 }
 
 Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias,
@@ -310,7 +309,7 @@ std::tuple<Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor& W,
   }
   // with dropout the adapter's input differs from x: no merged operand exists
   const bool merged = !x_adapter.has_value() && x2.size(0) > 0 && merge_pays(x2.size(0), n);
-  auto [y, U, Wm] = forward_core(x2, xa2, W, bias, A, B, merged, /*need_U=*/true);
+  auto [y, U] = forward_core(x2, xa2, W, bias, A, B, merged, /*need_U=*/true);
   return {y.view(out_shape(x, m)), U};
 }
 

@@ -5,7 +5,6 @@ onto the same base model and which then gives polykern's outputs (fp32, within 1
 import copy
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import textwrap
