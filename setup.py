@@ -8,7 +8,7 @@ polykern/_build_config.py, the record that polykern.build_info() reads.
 Environment:
   POLYKERN_SKIP_CUDA_BUILD=1   install the pure-Python package only (reference path); torch is
                                not imported, so this works under pip's build isolation.
-  TORCH_CUDA_ARCH_LIST         target archs (default: _default_arch_list, "8.0;9.0a;10.0;12.0+PTX"
+  TORCH_CUDA_ARCH_LIST         target archs (default: _default_arch_list, "8.0;9.0;10.0;12.0+PTX"
                                with nvcc >= 12.8).
   CUDA_HOME                    the toolkit (default /usr/local/cuda when it holds nvcc).
   MAX_JOBS                     parallel compile jobs (default: the number of cores).
@@ -36,13 +36,10 @@ def _cuda_home():
 
 
 # The default targets, oldest first. sm_80: A100, and RTX 30/40 (sm_86, sm_89) run its cubin (a
-# cubin runs on its major's later minors). sm_90a: H100/H200, and the fused adapter GEMMs need its
-# arch-specific instructions (csrc/lora_gemm.cu). sm_100: B200/GB200 (B300's sm_103 runs it).
-# sm_120: RTX 50, RTX PRO 6000 (DGX Spark's sm_121 runs it). Each where nvcc knows it (10.0 and
-# 12.0 from CUDA 12.8); PTX of the newest plain one, which the driver compiles for GPUs to come.
-# lora_gemm.cu compiles to a trap for every target but sm_90a (its __CUDA_ARCH_FEAT_SM90_ALL
-# guard), so sm_80, sm_100 and sm_120 cost little there.
-_DEFAULT_ARCHS = ("8.0", "9.0a", "10.0", "12.0")
+# cubin runs on its major's later minors). sm_90: H100/H200. sm_100: B200/GB200 (B300's sm_103
+# runs it). sm_120: RTX 50, RTX PRO 6000 (DGX Spark's sm_121 runs it). Each where nvcc knows it
+# (10.0 and 12.0 from CUDA 12.8); PTX of the newest, which the driver compiles for GPUs to come.
+_DEFAULT_ARCHS = ("8.0", "9.0", "10.0", "12.0")
 
 
 def _nvcc_archs(home):
@@ -58,14 +55,11 @@ def _nvcc_archs(home):
 
 
 def _default_arch_list(nvcc_archs):
-    """TORCH_CUDA_ARCH_LIST's default: the _DEFAULT_ARCHS that nvcc knows (all but 8.0 and 9.0a
-    dropped when it cannot be asked), with +PTX on the newest plain entry: compute_90a PTX would
-    run on sm_90 alone, and a plain "9.0" entry would switch the fused GEMMs off (_sm90a_only)."""
+    """TORCH_CUDA_ARCH_LIST's default: the _DEFAULT_ARCHS that nvcc knows (all but 8.0 and 9.0
+    dropped when it cannot be asked), with +PTX on the newest."""
     known = nvcc_archs if nvcc_archs is not None else {"8.0", "9.0"}
-    archs = [a for a in _DEFAULT_ARCHS if a.rstrip("a") in known]
-    plain = [i for i, a in enumerate(archs) if not a.endswith("a")]
-    if plain:
-        archs[plain[-1]] += "+PTX"
+    archs = [a for a in _DEFAULT_ARCHS if a in known]
+    archs[-1] += "+PTX"
     return ";".join(archs)
 
 
@@ -75,16 +69,6 @@ def _write_build_config(**record):
     lines += [f"{k.upper()} = {v!r}" for k, v in record.items()]
     with open(os.path.join(HERE, "polykern", "_build_config.py"), "w") as f:
         f.write("\n".join(lines) + "\n")
-
-
-def _sm90a_only(arch_list):
-    """Whether the arch list builds Hopper's code as sm_90a alone ("9.0a", "9.0a+PTX"): the fused
-    adapter GEMMs (csrc/lora_gemm.cu) need the arch-specific instructions (wgmma, setmaxnreg) and
-    compile to a trap for any other target, and a device cannot tell an sm_90 cubin from an
-    sm_90a one, so they are switched on (POLYKERN_SM90A) only when no plain 9.0 entry is built."""
-    entries = [e for e in re.split(r"[;\s]+", arch_list.strip()) if e]
-    return any(e.startswith("9.0a") for e in entries) and not any(
-        e in ("9.0", "9.0+PTX") for e in entries)
 
 
 def _extensions():
@@ -135,15 +119,8 @@ def _extensions():
         link_args = [f"-l:{os.path.basename(lt[0])}", f"-Wl,-rpath,{lib_dirs[0]}"]
     else:
         print("polykern: no libcublasLt found; the merge GEMM uses at::addmm")
-    sm90a = _sm90a_only(os.environ["TORCH_CUDA_ARCH_LIST"])
-    if sm90a:
-        defines.append("-DPOLYKERN_SM90A")
-    else:
-        print("polykern: no sm_90a-only Hopper build in TORCH_CUDA_ARCH_LIST="
-              f"{os.environ['TORCH_CUDA_ARCH_LIST']!r}: the fused adapter GEMMs stay off")
     _write_build_config(arch_list=os.environ["TORCH_CUDA_ARCH_LIST"], skipped=None,
-                        torch=torch.__version__, cuda=torch.version.cuda, cublaslt=bool(lt),
-                        sm90a_only=sm90a)
+                        torch=torch.__version__, cuda=torch.version.cuda, cublaslt=bool(lt))
     ext = CUDAExtension(
         name="polykern._C",
         sources=sources,

@@ -6,7 +6,7 @@
 #   GPU_CHECK_PART=e2e bash bench/gpu_check.sh     build, the end-to-end benchmark
 #   GPU_CHECK_PART=layers bash bench/gpu_check.sh  build, the per-layer benchmarks
 #   GPU_CHECK_ARCH=8.0+PTX GPU_CHECK_PART=tests    the portable build (compute_80 PTX compiled by
-#                                                  the driver at load; no fused GEMMs): the
+#                                                  the driver at load): the
 #                                                  closest check of the A100 path on an H100
 #   E2E_ARGS="--impls ... --workloads ..."         passed to bench/bench_e2e.py
 #   LAYERS_K="not sweep"                           a subset of the per-layer cases
@@ -19,7 +19,7 @@ if ! command -v nvidia-smi > /dev/null || ! nvidia-smi -L > /dev/null 2>&1; then
 fi
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
-export TORCH_CUDA_ARCH_LIST="${GPU_CHECK_ARCH:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}"
+export TORCH_CUDA_ARCH_LIST="${GPU_CHECK_ARCH:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
 export PYTHONUNBUFFERED=1 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 PART="${GPU_CHECK_PART:-all}"
 rc=0

@@ -92,7 +92,7 @@ static bool merge_pays(int64_t rows, int64_t reduced_dim) {
 // one-pass WMMA kernel measured slower than cuBLAS (74 us at R = 152, 45 us at R = 16).
 // fp32/fp64 go to at::addmm.
 static Tensor merged_weight(const Tensor& W, const Tensor& A, const Tensor& B) {
-  return fast_addmm(W, B, A, Tokens::kNone);
+  return fast_addmm(W, B, A);
 }
 
 // ---- the side stream -------------------------------------------------------------
@@ -195,67 +195,6 @@ class SideStream {
   bool joined_ = false;
 };
 
-// ---- the fused adapter GEMMs (lora_gemm.cu) -------------------------------------
-// On an sm_90 device, for bf16 layers with R = 32 (PERA square r = 16) and shapes that fit the
-// kernel's tiles (N % 128, n % 256, m % 256) and are large enough (fused_gemm_fits), the
-// forward computes y = x W^T + bias + U B^T and U
-// in one kernel (no merged weight, no side stream) and the backward gX = gY W + gU A and gU the
-// same way (W and A read in place), then gA = gU^T x and gB = gY^T U. Why: PERA square's merged
-// path spends the merge (22.8 us at 4096 x 4096) and U beside the base GEMM (22 us of stretch)
-// in the forward. Measured per PERA square layer step (N = 8192, 4096 x 4096, H100): -29 to
-// -39 us and -32 MiB of peak memory. The forward, the backward and the fake kernels take the
-// same decision (fused_gemm_fits).
-// Whether the fused kernels fit N rows of a layer (m, n) with R adapter rows in dtype dt (and a
-// bias of bias_dt): shapes, dtypes and mode only, no device (layouts are made to fit, tma_fit),
-// so that the fake kernels take the same decision (polykern/ops.py) and CPU tests can check it.
-// Mode 1 takes them from N n m >= 2^37 (the main benchmark case, N = 8192 at 4096 x 4096, and
-// larger), where they were measured; below that the kernel's tiles leave SMs idle (its GEMM took
-// 2.4x cuBLAS's time at 1024 x 1024 x 4096) and the merged path stays. Mode 2 (tests) takes
-// them wherever the tiles fit.
-bool fused_gemm_fits(int64_t N, int64_t n, int64_t m, int64_t R, at::ScalarType dt,
-                     std::optional<at::ScalarType> bias_dt) {
-  const int mode = option(Opt::kFusedGemm);
-  if (mode == 0 || dt != at::kBFloat16 || R != 32) return false;
-  if (N <= 0 || N % 128 != 0 || n % 256 != 0 || m % 256 != 0) return false;
-  if (bias_dt.has_value() && *bias_dt != at::kBFloat16) return false;
-  return mode == 2 || static_cast<double>(N) * n * m >= 137438953472.0;  // 2^37
-}
-
-static bool fused_takes(int64_t N, int64_t n, int64_t m, int64_t R, at::ScalarType dt,
-                        const std::optional<Tensor>& bias, const Tensor& like) {
-  const auto bias_dt = bias.has_value() ? std::optional<at::ScalarType>(bias->scalar_type())
-                                        : std::nullopt;
-  return fused_gemm_fits(N, n, m, R, dt, bias_dt) && like.is_cuda() &&
-         lora_gemm_available(like.get_device());
-}
-
-bool fused_gemm_on(int64_t device) {
-  if (option(Opt::kFusedGemm) == 0 || device < 0 || device >= c10::cuda::device_count()) return false;
-  return lora_gemm_available(static_cast<int>(device));
-}
-
-// t itself when TMA can read it (unit stride along rows, rows 16-byte multiples apart, a 16-byte
-// aligned start), else a contiguous copy (a fresh block is 512-byte aligned).
-static Tensor tma_fit(const Tensor& t) {
-  const bool ok = t.stride(-1) == 1 && (t.stride(0) * t.element_size()) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
-}
-
-static std::optional<Tensor> fused_bias(const std::optional<Tensor>& bias) {
-  if (!bias.has_value()) return bias;
-  const bool ok = bias->stride(0) == 1 && reinterpret_cast<uintptr_t>(bias->data_ptr()) % 4 == 0;
-  return ok ? *bias : bias->clone(at::MemoryFormat::Contiguous);
-}
-
-// The fused forward (y, U) for x2 (N, n), in the layouts the kernel reads.
-static std::tuple<Tensor, Tensor> fused_forward(const Tensor& x2, const Tensor& W, const Tensor& A,
-                                                const Tensor& B,
-                                                const std::optional<Tensor>& bias) {
-  return lora_gemm_forward(tma_fit(x2), tma_fit(W), A.contiguous(), B.contiguous(),
-                           fused_bias(bias));
-}
-
 // The forward core of training and inference: y = x2 W^T + bias + U B^T for x2 (N, n), on
 // W_m = W + B A when `merged`, else with the adapter's share added into y (beta = 1). U = xa2 A^T
 // is computed when `need_U` (training keeps it for the backward) or when the unmerged path needs
@@ -278,18 +217,16 @@ static std::tuple<Tensor, Tensor> forward_core(const Tensor& x2, const Tensor& x
   Tensor y = bias.has_value() ? at::addmm(*bias, x2, Wb.t()) : at::mm(x2, Wb.t());  // (N, m)
   if (want_U) {
     U = at::empty({N, A.size(0)}, xa2.options());                        // on the caller's stream
-    side.run([&] { fast_mm_into(U, xa2, A.t(), Tokens::kM); });           // (N, R), beside y
+    side.run([&] { fast_mm_into(U, xa2, A.t()); });           // (N, R), beside y
   }
   side.join();
-  if (!merged) fast_addmm_(y, U, B.t(), Tokens::kM);                      // beta = 1: into y
+  if (!merged) fast_addmm_(y, U, B.t());                      // beta = 1: into y
   return {y, U};
 }
 
 Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias,
                       const Tensor& A, const Tensor& B) {
   const Tensor x2 = x.reshape({-1, W.size(1)});
-  if (fused_takes(x2.size(0), W.size(1), W.size(0), A.size(0), x2.scalar_type(), bias, x2))
-    return std::get<0>(fused_forward(x2, W, A, B, bias)).view(out_shape(x, W.size(0)));
   const bool merged = x2.size(0) > 0 && merge_pays(x2.size(0), W.size(1));
   return std::get<0>(forward_core(x2, x2, W, bias, A, B, merged, /*need_U=*/false))
       .view(out_shape(x, W.size(0)));
@@ -302,11 +239,6 @@ std::tuple<Tensor, Tensor> adapter_forward(const Tensor& x, const Tensor& W,
   const int64_t n = W.size(1), m = W.size(0);
   const Tensor x2 = x.reshape({-1, n});                                   // (N, n)
   const Tensor xa2 = x_adapter.has_value() ? x_adapter->reshape({-1, n}) : x2;
-  if (!x_adapter.has_value() &&
-      fused_takes(x2.size(0), n, m, A.size(0), x2.scalar_type(), bias, x2)) {  // no merged W
-    auto [y, U] = fused_forward(x2, W, A, B, bias);
-    return {y.view(out_shape(x, m)), U};
-  }
   // with dropout the adapter's input differs from x: no merged operand exists
   const bool merged = !x_adapter.has_value() && x2.size(0) > 0 && merge_pays(x2.size(0), n);
   auto [y, U] = forward_core(x2, xa2, W, bias, A, B, merged, /*need_U=*/true);
@@ -321,23 +253,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
   const int64_t n = W.size(1), m = W.size(0);
   const Tensor gy = grad_y.reshape({-1, m});                              // (N, m)
   const bool separate = x_adapter.has_value();
-  if (need_x && !separate &&
-      fused_takes(gy.size(0), n, m, A.size(0), gy.scalar_type(), std::nullopt, gy)) {
-    // gX = gY W + gU A and gU = gY B in one kernel (W and A read in place), then the factors
-    POLYKERN_SCOPE("polykern::fused_backward");
-    auto [gX, gU] = lora_gemm_backward(tma_fit(gy), tma_fit(W), B.t().contiguous(),
-                                       A.contiguous());
-    Tensor gA, gB;
-    if (need_factors) {
-      // in series: beside each other on the side stream they measured no faster
-      gA = fast_mm(gU.t(), x.reshape({-1, n}), Tokens::kK);                           // (R, n)
-      gB = fast_mm(gy.t(), U, Tokens::kK);                                          // (m, R)
-    } else {
-      gA = at::empty({0}, x.options());
-      gB = at::empty({0}, x.options());
-    }
-    return {gX.view(x.sizes()), at::empty({0}, x.options()), gA, gB};
-  }
   const bool merged = need_x && !separate && gy.size(0) > 0 && merge_pays(gy.size(0), m);
   const bool need_gU = need_factors || need_xa || (need_x && !separate && !merged);
   // gU and gB from one read of gY where the fused kernel takes the operands (small R)
@@ -352,13 +267,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
   }
   auto down = [&] {
     if (fused) gy_pass_into(gy, B, U, gU, gB);                            // (N, R), (m, R)
-    else fast_mm_into(gU, gy, B, Tokens::kM);                                       // (N, R)
+    else fast_mm_into(gU, gy, B);                                       // (N, R)
   };
   auto factors = [&] {
     if (!need_factors) return;
     const Tensor xa2 = separate ? x_adapter->reshape({-1, n}) : x.reshape({-1, n});
-    fast_mm_into(gA, gU.t(), xa2, Tokens::kK);                                      // (R, n)
-    if (!fused) fast_mm_into(gB, gy.t(), U, Tokens::kK);                            // (m, R)
+    fast_mm_into(gA, gU.t(), xa2);                                      // (R, n)
+    if (!fused) fast_mm_into(gB, gy.t(), U);                            // (m, R)
   };
   // gU and the factor gradients beside the base GEMM gX = gY W (or gY W_m) when there is one
   Tensor Wm;
@@ -370,9 +285,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
     factors();
   });
   side.join();
-  if (need_x && !separate && !merged) fast_addmm_(gX, gU, A, Tokens::kM);           // adapter share, beta=1
+  if (need_x && !separate && !merged) fast_addmm_(gX, gU, A);           // adapter share, beta=1
   if (need_x) gX = gX.view(x.sizes());
-  if (need_xa && separate) gXa = fast_mm(gU, A, Tokens::kM).view(x.sizes());
+  if (need_xa && separate) gXa = fast_mm(gU, A).view(x.sizes());
   auto empty = [&](Tensor& t) { if (!t.defined()) t = at::empty({0}, x.options()); };
   empty(gX); empty(gXa); empty(gA); empty(gB);
   return {gX, gXa, gA, gB};

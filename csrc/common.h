@@ -37,7 +37,7 @@ inline Tensor as_dtype(const Tensor& t, at::ScalarType dt) {
 // The process-wide switches (config.cpp): each read once from its environment variable at first
 // use, changed through polykern::_config(name, value). kPoison (POLYKERN_POISON=1): fill every
 // kernel output with NaN before the kernel writes it, so a test can see an unwritten element.
-enum class Opt { kMerge, kSideStream, kFusedGemm, kFusedGy, kGemmTune, kPoison, kCount };
+enum class Opt { kMerge, kSideStream, kFusedGy, kPoison, kCount };
 int option(Opt which);
 
 void maybe_poison(const Tensor& t);
@@ -67,33 +67,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapter_backward(
 Tensor adapter_linear(const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias,
                       const Tensor& A, const Tensor& B);
 
-// The fused adapter GEMMs (lora_gemm.cu; sm_90a, bf16, R = 32): whether they can
-// run on CUDA device `device`, and the forward (y, U) = (x W^T + bias + U B^T, x A^T) and
-// backward (gX, gU) = (gY W + gU A, gY Bt^T) with Bt = B^T (32, m), A (32, n). Shapes, dtypes
-// and layouts are the caller's to check (adapter_core.cpp's fused_takes).
-bool lora_gemm_available(int device);
-std::tuple<Tensor, Tensor> lora_gemm_forward(const Tensor& x, const Tensor& W, const Tensor& A,
-                                             const Tensor& B, const std::optional<Tensor>& bias);
-std::tuple<Tensor, Tensor> lora_gemm_backward(const Tensor& gy, const Tensor& W, const Tensor& Bt,
-                                              const Tensor& A);
-// The shape, dtype and mode rule (adapter_core.cpp), and whether they can run on CUDA device
-// `device` (mode on, an sm_90 device, a binary for it).
-bool fused_gemm_fits(int64_t N, int64_t n, int64_t m, int64_t R, at::ScalarType dt,
-                     std::optional<at::ScalarType> bias_dt);
-bool fused_gemm_on(int64_t device);
-
-// The adapter's GEMMs on cuBLASLt (lt_gemm.cpp), torch's row-major semantics, bf16/fp16; other
-// dtypes and layouts go to ATen. The algorithm is timed once per shape class: the shape with the
-// token count left out (`tokens` names the dimension that counts the N rows of the activations:
-// M of D (M, N) = X (M, K) Y (K, N), or the reduced K), so that a new N costs no timing.
-// lt_gemm: D = X Y + beta C (C may be D itself); false when it cannot take the problem.
-enum class Tokens { kNone, kM, kK };
-bool lt_gemm(const Tensor& X, const Tensor& Y, const Tensor& C, const Tensor& D, float beta,
-             Tokens tokens);
-Tensor fast_mm(const Tensor& X, const Tensor& Y, Tokens tokens);                    // X Y
-void fast_mm_into(const Tensor& D, const Tensor& X, const Tensor& Y, Tokens tokens);  // D = X Y
-void fast_addmm_(Tensor& D, const Tensor& X, const Tensor& Y, Tokens tokens);       // D += X Y
-Tensor fast_addmm(const Tensor& C, const Tensor& X, const Tensor& Y, Tokens tokens);  // C + X Y
+// The adapter's GEMMs on cuBLASLt (lt_gemm.cpp), torch's row-major semantics, bf16/fp16, with
+// the descriptors and the heuristic's algorithm kept per shape; other dtypes and layouts go to
+// ATen. lt_gemm: D = X Y + beta C (C may be D itself); false when it cannot take the problem.
+bool lt_gemm(const Tensor& X, const Tensor& Y, const Tensor& C, const Tensor& D, float beta);
+Tensor fast_mm(const Tensor& X, const Tensor& Y);                    // X Y
+void fast_mm_into(const Tensor& D, const Tensor& X, const Tensor& Y);  // D = X Y
+void fast_addmm_(Tensor& D, const Tensor& X, const Tensor& Y);       // D += X Y
+Tensor fast_addmm(const Tensor& C, const Tensor& X, const Tensor& Y);  // C + X Y
 
 // The fused gY pass (gy_pass.cu): (gY B, gY^T U) for gY (N, m), B (m, R), U (N, R) from one read
 // of gY when gy_pass_takes says the kernel takes the operands (bf16/fp16, R = 8 or 16,

@@ -23,15 +23,13 @@ struct OptionInfo {
 constexpr OptionInfo kOptions[] = {
     {"merge", "POLYKERN_MERGE", 0, 2, "0 auto, 1 always merge, 2 never merge"},
     {"side_stream", "POLYKERN_OVERLAP", 1, 2, "0 off, 1 auto, 2 always"},
-    {"fused_gemm", "POLYKERN_FUSED_GEMM", 1, 2, "0 off, 1 auto, 2 wherever the tiles fit"},
     {"fused_gy", "POLYKERN_FUSED_GY", 1, 1, "0 off, 1 on"},
-    {"gemm_tune", "POLYKERN_GEMM_TUNE", 1, 1, "0 heuristic's pick, 1 timed once per class"},
     {"poison", "POLYKERN_POISON", 0, 1, "0 off, 1 fill kernel outputs with NaN first"},
 };
 static_assert(sizeof(kOptions) / sizeof(kOptions[0]) == static_cast<size_t>(Opt::kCount),
               "one OptionInfo per Opt");
 
-std::atomic<int> g_values[static_cast<int>(Opt::kCount)] = {-1, -1, -1, -1, -1, -1};
+std::atomic<int> g_values[static_cast<int>(Opt::kCount)] = {-1, -1, -1, -1};
 
 int from_env(const OptionInfo& o) {
   const char* v = std::getenv(o.env);

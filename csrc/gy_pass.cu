@@ -317,8 +317,8 @@ void gy_pass_into(const Tensor& gy, const Tensor& B, const Tensor& U, const Tens
                   const Tensor& gB) {
   POLYKERN_SCOPE("polykern::gy_pass");
   if (!gy_pass_takes(gy, B, U)) {
-    fast_mm_into(gU, gy, B, Tokens::kM);
-    fast_mm_into(gB, gy.t(), U, Tokens::kK);
+    fast_mm_into(gU, gy, B);
+    fast_mm_into(gB, gy.t(), U);
     return;
   }
   TORCH_INTERNAL_ASSERT(gU.is_contiguous() && gB.is_contiguous() &&

@@ -1,20 +1,11 @@
-// The adapter's own GEMMs (the skinny ones and the merge) on cuBLASLt: descriptors built once
-// per shape, and the algorithm picked by timing cuBLASLt's candidates once per shape class, the
-// shape with the token count N left out (common.h, Tokens), instead of taking the heuristic's
-// first answer.
-//
-// Why timing: on the H100 the heuristic's picks for the adapter's shapes ran at 1.3-2.3x their
-// bandwidth floor (at::mm's `U = x A^T` at N = 8192, n = 4096, R = 152: a 96 x 64 tile that
-// reads x twice, 49.7 us against a 22 us floor). Why per class and not per shape: fine-tuning
-// pads each batch to its longest sequence, so N changes every step; timing each new N cost up
-// to 57 ms per layer (bench/bench_e2e.py's varlen workloads). A new N in a known class builds
-// its descriptors and checks the class's algorithm (cublasLtMatmulAlgoCheck): host work of a
-// few microseconds, no GPU work.
-//
-// Timing: one spin kernel, each candidate run six times, one synchronisation: a few ms, once per
-// class, at most kMaxTuned classes per process (later ones take the heuristic's first pick).
-// Skipped, with the heuristic's first candidate used, while the stream is being captured into a
-// CUDA graph, under torch.use_deterministic_algorithms(True), and with option gemm_tune 0.
+// The adapter's own GEMMs (the skinny ones and the merge) on cuBLASLt, with their descriptors and
+// the heuristic's algorithm kept per shape. Why not at::mm: the adapter's products write into
+// buffers the caller owns (U beside the base GEMM on the side stream, the beta = 1 accumulation
+// into y and gX with C aliasing D, the merge with separate C and D), which cuBLASLt does in one
+// call; the plan cache makes a repeated shape cost one cublasLtMatmul. A new shape (a new token
+// count N) costs its descriptors and one heuristic query: host work, no GPU timing. Timing the
+// heuristic's candidates per shape class measured 0.05% end to end (bench_e2e.py, H100, 16
+// workload x variant pairs) and was removed.
 //
 // Semantics are torch's row-major ones: D (M, N) = X (M, K) Y (K, N) + beta C, fp32
 // accumulation, bf16/fp16 only (fp32 and fp64 stay on ATen with torch's TF32 settings). Split-K
@@ -24,14 +15,10 @@
 #include <torch/library.h>
 
 #ifdef POLYKERN_HAVE_CUBLASLT
-#include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/Sleep.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <cublasLt.h>
 
-#include <limits>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -73,44 +60,18 @@ uint32_t alignment(const Tensor& t) {
 struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr, ld = nullptr;
-  std::vector<cublasLtMatmulHeuristicResult_t> candidates;  // the heuristic's, in its order
-  int chosen = 0;
-  bool tuned = false;
+  std::vector<cublasLtMatmulHeuristicResult_t> candidates;  // the heuristic's first that fits
 };
 
-// key: device, dtype, M, N, K, both ops, four leading dimensions, C aliasing D, beta != 0,
-// the four pointers' alignments (they decide which kernels are legal) and the gemm_tune option
-// (so that a benchmark can compare both in one process). A class key is the same with the
-// token count (M or K, as the caller says) set to -1.
-using Key = std::array<int64_t, 18>;
+// key: device, dtype, M, N, K, both ops, four leading dimensions, C aliasing D, beta != 0 and
+// the four pointers' alignments (they decide which kernels are legal).
+using Key = std::array<int64_t, 17>;
 
-constexpr int kMaxTuned = 64;
 constexpr size_t kMaxPlans = 4096;
 std::mutex g_mutex;
-int g_tuned = 0;  // classes timed so far (under g_mutex)
 std::map<Key, Plan>& plans() {
   static auto* p = new std::map<Key, Plan>();  // never destroyed: outlives the CUDA context
   return *p;
-}
-// the algorithm chosen for each class (timed, or the heuristic's first where not timed)
-std::map<Key, cublasLtMatmulAlgo_t>& class_algos() {
-  static auto* c = new std::map<Key, cublasLtMatmulAlgo_t>();
-  return *c;
-}
-
-// Takes the class's algorithm for plan p when cuBLASLt accepts it for p's exact shape.
-bool adopt(Plan& p, const cublasLtMatmulAlgo_t& algo, size_t ws_size) {
-  cublasLtMatmulHeuristicResult_t r{};
-  if (cublasLtMatmulAlgoCheck(at::cuda::getCurrentCUDABlasLtHandle(), p.desc, p.la, p.lb, p.lc,
-                              p.ld, &algo, &r) != CUBLAS_STATUS_SUCCESS ||
-      r.workspaceSize > ws_size)
-    return false;
-  r.algo = algo;
-  r.state = CUBLAS_STATUS_SUCCESS;
-  p.candidates.assign(1, r);
-  p.chosen = 0;
-  p.tuned = true;
-  return true;
 }
 
 void destroy(Plan& p) {  // descriptors are host objects; no launch keeps them after enqueue
@@ -166,60 +127,24 @@ bool query_candidates(Plan& p, const uint32_t al[4], size_t ws_size) {
     p.candidates.resize(ok ? found : 0);
     std::vector<cublasLtMatmulHeuristicResult_t> usable;
     for (const auto& c : p.candidates)
-      if (c.state == CUBLAS_STATUS_SUCCESS && c.workspaceSize <= ws_size) usable.push_back(c);
+      if (c.state == CUBLAS_STATUS_SUCCESS && c.workspaceSize <= ws_size && usable.empty())
+        usable.push_back(c);
     p.candidates.swap(usable);
   }
   if (pref) cublasLtMatmulPreferenceDestroy(pref);
   return ok && !p.candidates.empty();
 }
 
-cublasStatus_t run(const Plan& p, int i, const void* a, const void* b, float beta,
+cublasStatus_t run(const Plan& p, const void* a, const void* b, float beta,
                    const void* c, void* d, void* ws, size_t ws_size, cudaStream_t stream) {
   const float one = 1.0f;
   return cublasLtMatmul(at::cuda::getCurrentCUDABlasLtHandle(), p.desc, &one, a, p.la, b, p.lb,
-                        &beta, c, p.lc, d, p.ld, &p.candidates[i].algo, ws, ws_size, stream);
-}
-
-// Time every candidate once on this shape: a spin kernel holds the GPU while the host enqueues
-// them all, so the events time the GPU and not the host's launch rate. The scratch output keeps
-// the caller's D (which may also be C) untouched.
-void tune(Plan& p, const Tensor& X, const Tensor& Y, float beta, const Tensor& C,
-          const Tensor& D, void* ws, size_t ws_size) {
-  const int n = static_cast<int>(p.candidates.size());
-  p.tuned = true;
-  if (n <= 1) return;
-  const Tensor scratch = at::empty_strided(D.sizes(), D.strides(), D.options());
-  const void* c_ptr = C.defined() ? C.data_ptr() : scratch.data_ptr();
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  constexpr int kReps = 5;
-  std::vector<cudaEvent_t> ev(2 * n);
-  for (auto& e : ev) C10_CUDA_CHECK(cudaEventCreate(&e));
-  // long enough for the host to enqueue 6 launches per candidate at up to ~40 us each
-  at::cuda::sleep(static_cast<int64_t>(n) * 500 * 1000);
-  std::vector<bool> ok(n, true);
-  for (int i = 0; i < n; ++i) {
-    ok[i] = run(p, i, Y.data_ptr(), X.data_ptr(), beta, c_ptr, scratch.data_ptr(), ws, ws_size,
-                stream) == CUBLAS_STATUS_SUCCESS;  // warm-up
-    C10_CUDA_CHECK(cudaEventRecord(ev[2 * i], stream));
-    for (int k = 0; ok[i] && k < kReps; ++k)
-      run(p, i, Y.data_ptr(), X.data_ptr(), beta, c_ptr, scratch.data_ptr(), ws, ws_size, stream);
-    C10_CUDA_CHECK(cudaEventRecord(ev[2 * i + 1], stream));
-  }
-  C10_CUDA_CHECK(cudaEventSynchronize(ev[2 * n - 1]));
-  float best = std::numeric_limits<float>::infinity();
-  for (int i = 0; i < n; ++i) {
-    float ms = 0.f;
-    C10_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]));
-    const float us = ok[i] ? 1000.f * ms / kReps : std::numeric_limits<float>::infinity();
-    if (us < best) { best = us; p.chosen = i; }
-  }
-  for (auto& e : ev) C10_CUDA_CHECK(cudaEventDestroy(e));
+                        &beta, c, p.lc, d, p.ld, &p.candidates[0].algo, ws, ws_size, stream);
 }
 
 }  // namespace
 
-bool lt_gemm(const Tensor& X, const Tensor& Y, const Tensor& C, const Tensor& D, float beta,
-             Tokens tokens) {
+bool lt_gemm(const Tensor& X, const Tensor& Y, const Tensor& C, const Tensor& D, float beta) {
   POLYKERN_SCOPE("polykern::lt_gemm");
   const at::ScalarType st = D.scalar_type();
   cudaDataType_t dt;
@@ -245,12 +170,7 @@ bool lt_gemm(const Tensor& X, const Tensor& Y, const Tensor& C, const Tensor& D,
   const uint32_t al[4] = {alignment(Y), alignment(X), alignment(Cm), alignment(D)};
   const bool c_is_d = has_c && C.data_ptr() == D.data_ptr();
   const Key key = {D.get_device(), static_cast<int64_t>(st), M, N, K, a.op, b.op, a.ld, b.ld,
-                   Cm.stride(0), D.stride(0), c_is_d, has_c, al[0], al[1], al[2], al[3],
-                   option(Opt::kGemmTune)};
-
-  Key class_key = key;
-  if (tokens == Tokens::kM) class_key[2] = -1;
-  if (tokens == Tokens::kK) class_key[4] = -1;
+                   Cm.stride(0), D.stride(0), c_is_d, has_c, al[0], al[1], al[2], al[3]};
 
   void* ws = at::cuda::getCUDABlasLtWorkspace();
   const size_t ws_size = at::cuda::getCUDABlasLtWorkspaceSize();
@@ -263,68 +183,50 @@ bool lt_gemm(const Tensor& X, const Tensor& Y, const Tensor& C, const Tensor& D,
       plans().clear();
     }
     Plan p;
+    // remembered with no candidates where cuBLASLt cannot take it, so the caller falls back
     if (!describe_plan(p, dt, a, b, static_cast<uint64_t>(N), static_cast<uint64_t>(M),
-                       Cm.stride(0), D.stride(0))) {
-      destroy(p);  // remembered with no candidates, so the caller falls back
-    } else {
-      const auto known = class_algos().find(class_key);
-      if (known == class_algos().end() || !adopt(p, known->second, ws_size)) {
-        if (!query_candidates(p, al, ws_size)) destroy(p);
-      }
-    }
+                       Cm.stride(0), D.stride(0)) ||
+        !query_candidates(p, al, ws_size))
+      destroy(p);
     it = plans().emplace(key, std::move(p)).first;
   }
   Plan& p = it->second;
   if (p.candidates.empty()) return false;
-  if (!p.tuned) {
-    const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() !=
-                           c10::cuda::CaptureStatus::None;
-    if (!capturing) {
-      if (option(Opt::kGemmTune) == 0 || at::globalContext().deterministicAlgorithms() ||
-          g_tuned >= kMaxTuned) {
-        p.tuned = true;  // the heuristic's first candidate
-      } else {
-        ++g_tuned;
-        tune(p, X, Y, beta, has_c ? C : Tensor(), D, ws, ws_size);
-      }
-      class_algos().emplace(class_key, p.candidates[p.chosen].algo);
-    }
-  }
-  return run(p, p.chosen, Y.data_ptr(), X.data_ptr(), beta, Cm.data_ptr(), D.data_ptr(), ws,
+  return run(p, Y.data_ptr(), X.data_ptr(), beta, Cm.data_ptr(), D.data_ptr(), ws,
              ws_size, stream) == CUBLAS_STATUS_SUCCESS;
 }
 
 #else
-bool lt_gemm(const Tensor&, const Tensor&, const Tensor&, const Tensor&, float, Tokens) {
+bool lt_gemm(const Tensor&, const Tensor&, const Tensor&, const Tensor&, float) {
   return false;
 }
 #endif
 
 // lt_gemm declines what it cannot take (dtypes other than bf16/fp16, empty or mismatched
 // shapes, unsupported layouts); at::mm_out serves those, with its own error messages.
-void fast_mm_into(const Tensor& D, const Tensor& X, const Tensor& Y, Tokens tokens) {
+void fast_mm_into(const Tensor& D, const Tensor& X, const Tensor& Y) {
   maybe_poison(D);
-  if (!lt_gemm(X, Y, Tensor(), D, 0.0f, tokens)) at::mm_out(const_cast<Tensor&>(D), X, Y);
+  if (!lt_gemm(X, Y, Tensor(), D, 0.0f)) at::mm_out(const_cast<Tensor&>(D), X, Y);
 }
 
-Tensor fast_mm(const Tensor& X, const Tensor& Y, Tokens tokens) {
+Tensor fast_mm(const Tensor& X, const Tensor& Y) {
   TORCH_CHECK(X.dim() == 2 && Y.dim() == 2, "polykern: fast_mm takes 2-D operands");
   Tensor D = at::empty({X.size(0), Y.size(1)}, X.options());
-  fast_mm_into(D, X, Y, tokens);
+  fast_mm_into(D, X, Y);
   return D;
 }
 
-void fast_addmm_(Tensor& D, const Tensor& X, const Tensor& Y, Tokens tokens) {
-  if (!lt_gemm(X, Y, D, D, 1.0f, tokens)) D.addmm_(X, Y);
+void fast_addmm_(Tensor& D, const Tensor& X, const Tensor& Y) {
+  if (!lt_gemm(X, Y, D, D, 1.0f)) D.addmm_(X, Y);
 }
 
-Tensor fast_addmm(const Tensor& C, const Tensor& X, const Tensor& Y, Tokens tokens) {
+Tensor fast_addmm(const Tensor& C, const Tensor& X, const Tensor& Y) {
   if (C.dim() == 2 && X.dim() == 2 && Y.dim() == 2 && X.size(0) > 0 && Y.size(1) > 0 &&
       X.size(1) > 0 && C.size(0) == X.size(0) && C.size(1) == Y.size(1) &&
       (C.scalar_type() == at::kBFloat16 || C.scalar_type() == at::kHalf)) {
     Tensor D = at::empty({X.size(0), Y.size(1)}, C.options());
     maybe_poison(D);
-    if (lt_gemm(X, Y, C, D, 1.0f, tokens)) return D;
+    if (lt_gemm(X, Y, C, D, 1.0f)) return D;
   }
   return at::addmm(C, X, Y);
 }
@@ -339,14 +241,14 @@ static Tensor adapter_gemm_op(const Tensor& X, const Tensor& Y, const std::optio
               " cannot be multiplied");
   TORCH_CHECK(X.scalar_type() == Y.scalar_type(), "polykern::_adapter_gemm: X is ",
               X.scalar_type(), " but Y is ", Y.scalar_type());
-  if (!C.has_value()) return fast_mm(X, Y, Tokens::kNone);
+  if (!C.has_value()) return fast_mm(X, Y);
   check_cuda(*C, "C", X);
   TORCH_CHECK(C->dim() == 2 && C->size(0) == X.size(0) && C->size(1) == Y.size(1) &&
                   C->scalar_type() == X.scalar_type(),
               "polykern::_adapter_gemm: C must be ", X.scalar_type(), " of shape (",
               num(X.size(0)), ", ", num(Y.size(1)), "), got ", C->scalar_type(), " ",
               shape(C->sizes()));
-  return fast_addmm(*C, X, Y, Tokens::kNone);
+  return fast_addmm(*C, X, Y);
 }
 
 TORCH_LIBRARY_IMPL(polykern, CUDA, m) { m.impl("_adapter_gemm", &adapter_gemm_op); }

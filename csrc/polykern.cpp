@@ -64,11 +64,6 @@ TORCH_LIBRARY(polykern, m) {
       "genlora_linear_inference(Tensor x, Tensor weight, Tensor? bias, Tensor Z_A, Tensor C_A, "
       "Tensor g_A, Tensor M_A, Tensor Z_B, Tensor C_B, Tensor g_B, Tensor M_B, float scaling) "
       "-> Tensor");
-  // Whether the fused adapter GEMMs (lora_gemm.cu) serve a layer: the shape, dtype and option
-  // rule, and whether they can run on a device (option on, an sm_90a device, a binary for it).
-  m.def("_fused_gemm_fits(int rows, int n, int m, int R, ScalarType dtype, "
-        "ScalarType? bias_dtype) -> bool", &polykern::fused_gemm_fits);
-  m.def("_fused_gemm_on(int device) -> bool", &polykern::fused_gemm_on);
   // The adapter core's GEMM helper (csrc/lt_gemm.cpp) by itself, for tests: X Y (+ C).
   m.def("_adapter_gemm(Tensor X, Tensor Y, Tensor? C=None) -> Tensor");
   // The fused gY pass (csrc/gy_pass.cu) by itself, for tests: (grad_y B, grad_y^T U), and

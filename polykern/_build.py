@@ -28,7 +28,7 @@ REBUILD = 'TORCH_CUDA_ARCH_LIST="{arch}" pip install --no-build-isolation -e .'
 
 def build_record() -> Optional[dict]:
     """setup.py's record of the install (lower-case keys: arch_list, skipped, torch, cuda,
-    cublaslt, sm90a_only), or None when there is none (an extension built another way)."""
+    cublaslt), or None when there is none (an extension built another way)."""
     try:
         mod = importlib.import_module("polykern._build_config")
     except ImportError:
@@ -38,7 +38,7 @@ def build_record() -> Optional[dict]:
 
 def arch_targets(arch_list: str) -> list[str]:
     """The binaries a TORCH_CUDA_ARCH_LIST builds, as nvcc names them:
-    "8.0;9.0a;12.0+PTX" -> ["sm_80", "sm_90a", "sm_120", "compute_120"] (";" or spaces between)."""
+    "8.0;9.0;12.0+PTX" -> ["sm_80", "sm_90", "sm_120", "compute_120"] (";" or spaces between)."""
     targets = []
     for entry in (e for e in re.split(r"[;\s]+", arch_list.strip()) if e):
         m = re.fullmatch(r"(\d+)\.(\d)([af]?)(\+PTX)?", entry)
@@ -81,8 +81,8 @@ def image_for(capability: tuple[int, int], targets: list[str]) -> Optional[str]:
 
 
 def suggested_arch(capability: tuple[int, int]) -> str:
-    """The TORCH_CUDA_ARCH_LIST entry to build for a GPU: "9.0a" on Hopper (the fused GEMMs)."""
-    return "9.0a" if tuple(capability) == (9, 0) else f"{capability[0]}.{capability[1]}"
+    """The TORCH_CUDA_ARCH_LIST entry to build for a GPU: (8, 6) -> "8.6"."""
+    return f"{capability[0]}.{capability[1]}"
 
 
 def _built_targets() -> Optional[list[str]]:
@@ -132,10 +132,10 @@ def build_info() -> dict:
     """What this install compiled and what runs here.
 
     Returns a dict: ``version``, ``torch``, ``torch_cuda``; ``extension`` (``loaded``, ``error``;
-    ``arch_list`` and ``targets`` compiled, ``built_with`` torch, ``cublaslt`` and ``sm90a_only``
+    ``arch_list`` and ``targets`` compiled, ``built_with`` torch and ``cublaslt``
     from the build record, ``skipped``: why no CUDA build was made); ``gpu`` (``name``, ``arch``,
     ``capability``, ``image``: the binary it runs, or None) or None without a GPU; ``paths``: for
-    ``cuda_ops``, ``fused_gemms`` and ``cublaslt`` a dict ``live`` and ``why_not`` (None when
+    ``cuda_ops`` and ``cublaslt`` a dict ``live`` and ``why_not`` (None when
     live). Calling it initializes CUDA when a GPU is present.
     """
     from . import __version__, ops  # same layer; imported here since ops imports this module
@@ -146,7 +146,7 @@ def build_info() -> dict:
            "error": None if ops._LOAD_ERROR is None else str(ops._LOAD_ERROR),
            "arch_list": rec.get("arch_list"), "targets": targets,
            "built_with": rec.get("torch"), "cublaslt": rec.get("cublaslt"),
-           "sm90a_only": rec.get("sm90a_only"), "skipped": rec.get("skipped")}
+           "skipped": rec.get("skipped")}
     info = {"version": __version__, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "extension": ext, "gpu": None}
 
@@ -180,21 +180,6 @@ def build_info() -> dict:
         ops_path = _path(True)
     paths = {"cuda_ops": ops_path}
 
-    # fused adapter GEMMs (csrc/lora_gemm.cu): sm_90a binary of an sm_90a-only build, on sm_90
-    if not ops_path["live"]:
-        fused = _path(False, "the CUDA ops are not live")
-    elif rec.get("sm90a_only") is False:
-        fused = _path(False, "needs sm_90a: TORCH_CUDA_ARCH_LIST="
-                      f"{rec.get('arch_list')!r} has no sm_90a-only Hopper entry")
-    elif cap != (9, 0):
-        fused = _path(False, f"needs sm_90a (this GPU is {arch_name(cap)})")
-    elif torch.ops.polykern._fused_gemm_on(dev):
-        fused = _path(True)
-    else:
-        fused = _path(False, "switched off (POLYKERN_FUSED_GEMM=0 or "
-                      "torch.ops.polykern._set_fused_gemm(0))")
-    paths["fused_gemms"] = fused
-
     # cuBLASLt for the adapter's GEMMs and the merge (csrc/lt_gemm.cpp)
     if not ops_path["live"]:
         lt = _path(False, "the CUDA ops are not live")
@@ -225,7 +210,7 @@ def format_info(info: dict) -> str:
     else:
         image = gpu["image"] or ("no kernel image" if ext["targets"] else "unknown")
         lines.append(f"GPU:         {gpu['name']} ({gpu['arch']}), runs {image}")
-    names = {"cuda_ops": "CUDA ops", "fused_gemms": "fused GEMMs", "cublaslt": "cuBLASLt"}
+    names = {"cuda_ops": "CUDA ops", "cublaslt": "cuBLASLt"}
     for key, p in info["paths"].items():
         lines.append(f"{names[key] + ':':<13}" + ("live" if p["live"]
                                                    else "not live: " + p["why_not"]))

@@ -73,14 +73,6 @@ def cuda_available() -> bool:
 # Fake implementations (shapes only), so torch.compile and opcheck can trace the ops.
 # ------------------------------------------------------------------------------------------------
 if extension_loaded():
-    def _fused_gemm(N, n, m, R, x, bias):
-        """adapter_core.cpp's fused_takes: the fused adapter GEMMs (no merged weight) serve
-        this forward (its shape, dtype and mode rule, and an sm_90 device)."""
-        return (x.device.type == "cuda"
-                and torch.ops.polykern._fused_gemm_fits(N, n, m, R, x.dtype,
-                                                        None if bias is None else bias.dtype)
-                and torch.ops.polykern._fused_gemm_on(x.device.index or 0))
-
     def _fake_forward(x, weight, R):
         N = math.prod(x.shape[:-1])
         return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((N, R))

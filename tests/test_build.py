@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NVCC_13_0 = {"7.5", "8.0", "8.6", "8.7", "8.8", "8.9", "9.0", "10.0", "11.0", "10.3", "12.0",
              "12.1"}
 NVCC_12_6 = {"5.0", "6.0", "7.0", "7.5", "8.0", "8.6", "8.7", "8.9", "9.0"}
-DEFAULT = "8.0;9.0a;10.0;12.0+PTX"
+DEFAULT = "8.0;9.0;10.0;12.0+PTX"
 
 
 def _setup_scope(*names):
@@ -37,14 +37,12 @@ def _setup_scope(*names):
 
 @pytest.mark.parametrize("nvcc_archs,expected", [
     (NVCC_13_0, DEFAULT),            # CUDA 12.8 and later: Blackwell natively
-    (NVCC_12_6, "8.0+PTX;9.0a"),     # no sm_100/sm_120 in nvcc: compute_80 PTX serves them
-    (None, "8.0+PTX;9.0a"),          # nvcc could not be asked
+    (NVCC_12_6, "8.0;9.0+PTX"),      # no sm_100/sm_120 in nvcc: compute_90 PTX serves them
+    (None, "8.0;9.0+PTX"),           # nvcc could not be asked
 ])
 def test_default_arch_list(nvcc_archs, expected):
-    s = _setup_scope("_default_arch_list", "_sm90a_only")
-    arch_list = s["_default_arch_list"](nvcc_archs)
-    assert arch_list == expected
-    assert s["_sm90a_only"](arch_list)  # the fused GEMMs stay on in every default
+    s = _setup_scope("_default_arch_list")
+    assert s["_default_arch_list"](nvcc_archs) == expected
 
 
 def test_nvcc_archs(tmp_path):
@@ -61,7 +59,7 @@ def test_nvcc_archs(tmp_path):
 
 
 @pytest.mark.parametrize("arch_list,targets", [
-    (DEFAULT, ["sm_80", "sm_90a", "sm_100", "sm_120", "compute_120"]),
+    (DEFAULT, ["sm_80", "sm_90", "sm_100", "sm_120", "compute_120"]),
     ("8.0 9.0a+PTX", ["sm_80", "sm_90a", "compute_90a"]),
     ("8.0+PTX", ["sm_80", "compute_80"]),
     ("9.0;9.0", ["sm_90"]),
@@ -77,13 +75,14 @@ def test_arch_targets_rejects_unknown():
 
 @pytest.mark.parametrize("arch_list,capability,image", [
     (DEFAULT, (8, 0), "sm_80"), (DEFAULT, (8, 6), "sm_80"), (DEFAULT, (8, 9), "sm_80"),
-    (DEFAULT, (9, 0), "sm_90a"), (DEFAULT, (10, 0), "sm_100"), (DEFAULT, (10, 3), "sm_100"),
+    (DEFAULT, (9, 0), "sm_90"), (DEFAULT, (10, 0), "sm_100"), (DEFAULT, (10, 3), "sm_100"),
     (DEFAULT, (12, 0), "sm_120"), (DEFAULT, (12, 1), "sm_120"),
     (DEFAULT, (13, 0), "compute_120"),   # a GPU to come: the driver compiles the PTX
     (DEFAULT, (11, 0), None),            # older than the PTX, no cubin of its major
     (DEFAULT, (7, 5), None),
-    ("8.0;9.0a", (10, 0), None), ("8.0;9.0a", (12, 0), None),  # issue 24: Blackwell
+    ("8.0;9.0a", (10, 0), None), ("8.0;9.0a", (12, 0), None),  # no Blackwell cubin, no PTX
     ("8.0;9.0a", (8, 9), "sm_80"),
+    ("8.0;9.0+PTX", (12, 0), "compute_90"),  # nvcc < 12.8: Blackwell through the PTX
     ("8.0+PTX", (9, 0), "compute_80"), ("8.0+PTX", (12, 0), "compute_80"),
     ("8.0+PTX;9.0a", (9, 0), "sm_90a"),  # a cubin before PTX
     ("9.0a+PTX", (10, 0), None),         # arch-specific PTX: sm_90 only
@@ -102,7 +101,7 @@ def fake_gpus(monkeypatch):
         monkeypatch.setattr(_build, "_WARNED", set())
         monkeypatch.setattr(_build, "build_record", lambda: {
             "arch_list": arch_list, "skipped": None, "torch": "2.14.1+cu130", "cuda": "13.0",
-            "cublaslt": True, "sm90a_only": arch_list is not None and "9.0a" in arch_list})
+            "cublaslt": True})
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=0: capabilities[d])
@@ -142,8 +141,8 @@ def test_has_kernel_image_without_record(fake_gpus, monkeypatch):
 def _check_structure(info):
     assert set(info) == {"version", "torch", "torch_cuda", "extension", "gpu", "paths"}
     assert set(info["extension"]) == {"loaded", "error", "arch_list", "targets", "built_with",
-                                      "cublaslt", "sm90a_only", "skipped"}
-    assert set(info["paths"]) == {"cuda_ops", "fused_gemms", "cublaslt"}
+                                      "cublaslt", "skipped"}
+    assert set(info["paths"]) == {"cuda_ops", "cublaslt"}
     for p in info["paths"].values():
         assert set(p) == {"live", "why_not"}
         assert (p["why_not"] is None) == p["live"]
@@ -158,19 +157,18 @@ def test_build_info_here():
     if not torch.cuda.is_available():
         assert info["gpu"] is None
         assert not any(p["live"] for p in info["paths"].values())
-        assert info["paths"]["fused_gemms"]["why_not"] == "the CUDA ops are not live"
+        assert info["paths"]["cublaslt"]["why_not"] == "the CUDA ops are not live"
 
 
 @pytest.mark.parametrize("capability", [(10, 0), (12, 0)])
 def test_build_info_blackwell(fake_gpus, capability):
-    """The default build on Blackwell: the CUDA ops and cuBLASLt live, the fused GEMMs not."""
+    """The default build on Blackwell: the CUDA ops and cuBLASLt live."""
     fake_gpus([capability], DEFAULT)
     info = polykern.build_info()
     _check_structure(info)
     arch = f"sm_{capability[0]}{capability[1]}"
     assert info["gpu"]["arch"] == arch and info["gpu"]["image"] == arch
     assert info["paths"]["cuda_ops"]["live"] and info["paths"]["cublaslt"]["live"]
-    assert info["paths"]["fused_gemms"]["why_not"] == f"needs sm_90a (this GPU is {arch})"
 
 
 def test_build_info_no_image(fake_gpus):
@@ -202,7 +200,7 @@ def _run_module(*args):
 def test_module_info():
     r = _run_module("info")
     assert r.returncode == 0, r.stderr
-    for label in ("extension:", "GPU:", "CUDA ops:", "fused GEMMs:", "cuBLASLt:"):
+    for label in ("extension:", "GPU:", "CUDA ops:", "cuBLASLt:"):
         assert label in r.stdout
     r = _run_module("info", "--json")
     assert r.returncode == 0, r.stderr
